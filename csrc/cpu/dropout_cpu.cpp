@@ -1,0 +1,237 @@
+// CPU kernels: one pass forward, one pass backward, masks regenerated from (seed, offset).
+// Bit-identical to the CUDA kernels: both call keep_bits8() and apply_keep() from
+// dropout_contract.h, and this file is compiled with -ffp-contract=off so that no product and
+// sum is fused into an FMA that the other side would round differently.
+#include <ATen/ATen.h>
+#include <ATen/CPUGeneratorImpl.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <mutex>
+#include <vector>
+
+#include "../fastdropout.h"
+
+namespace fastdropout {
+namespace {
+
+// Philox calls are made in batches of this many groups (8 elements each) into a small array of
+// keep bytes, so that the loop over groups vectorises (pmuludq) and the loop over elements
+// becomes a plain select-and-multiply.
+constexpr int64_t kBatchGroups = 64;
+constexpr int64_t kBatchElements = kBatchGroups * kElementsPerPhilox;
+// Elements per parallel task: large enough to amortise the thread hand-off.
+constexpr int64_t kGrainElements = 1 << 15;
+
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// Keep bytes of mask indices [group * 8, group * 8 + count * 8).
+void fill_keep_bytes(uint8_t* keep, RngPair rng, int64_t group, int64_t count,
+                     uint32_t threshold) {
+  for (int64_t k = 0; k < count; ++k) {
+    const uint32_t bits = keep_bits8(rng.seed, rng.offset, static_cast<uint64_t>(group + k),
+                                     threshold);
+    for (int j = 0; j < kElementsPerPhilox; ++j) {
+      keep[k * kElementsPerPhilox + j] = static_cast<uint8_t>((bits >> j) & 1u);
+    }
+  }
+}
+
+// Calls body(begin, count, keep) for consecutive runs of mask indices covering [begin, end),
+// keep[k] being the keep byte of mask index begin + k. Runs never exceed kBatchElements.
+template <typename Body>
+void for_keep_batches(RngPair rng, uint32_t threshold, int64_t begin, int64_t end, Body&& body) {
+  uint8_t keep[kBatchElements + kElementsPerPhilox];
+  while (begin < end) {
+    const int64_t first_group = begin / kElementsPerPhilox;
+    const int64_t skip = begin - first_group * kElementsPerPhilox;
+    const int64_t count = std::min(end - begin, kBatchElements - skip);
+    fill_keep_bytes(keep, rng, first_group, ceil_div(skip + count, kElementsPerPhilox),
+                    threshold);
+    body(begin, count, keep + skip);
+    begin += count;
+  }
+}
+
+RngPair read_rng_state(const at::Tensor& rng_state) {
+  const int64_t* s = rng_state.data_ptr<int64_t>();
+  return RngPair{static_cast<uint64_t>(s[0]), static_cast<uint64_t>(s[1])};
+}
+
+void write_rng_state(const at::Tensor& rng_state, RngPair rng) {
+  int64_t* s = rng_state.data_ptr<int64_t>();
+  s[0] = static_cast<int64_t>(rng.seed);
+  s[1] = static_cast<int64_t>(rng.offset);
+}
+
+// Forward draws and records the state; backward (request == nullptr) replays it.
+RngPair resolve_rng(const at::Tensor& rng_state, const RngRequest* request) {
+  if (request == nullptr) return read_rng_state(rng_state);
+  const RngPair rng = acquire_cpu_rng(*request);
+  write_rng_state(rng_state, rng);
+  return rng;
+}
+
+template <typename scalar_t>
+void dropout_elements(const scalar_t* in, scalar_t* out, int64_t numel, RngPair rng,
+                      uint32_t threshold, acc_type_t<scalar_t> scale) {
+  at::parallel_for(0, numel, kGrainElements, [&](int64_t begin, int64_t end) {
+    for_keep_batches(rng, threshold, begin, end,
+                     [&](int64_t first, int64_t count, const uint8_t* keep) {
+                       const scalar_t* src = in + first;
+                       scalar_t* dst = out + first;
+                       for (int64_t k = 0; k < count; ++k) {
+                         dst[k] = apply_keep(keep[k] != 0, src[k], scale);
+                       }
+                     });
+  });
+}
+
+// Channel dropout: element i takes the keep bit of mask index i / channel_numel.
+template <typename scalar_t>
+void dropout_channels(const scalar_t* in, scalar_t* out, int64_t numel, int64_t channel_numel,
+                      RngPair rng, uint32_t threshold, acc_type_t<scalar_t> scale) {
+  const int64_t channels = ceil_div(numel, channel_numel);
+  const int64_t grain = std::max<int64_t>(1, kGrainElements / channel_numel);
+  at::parallel_for(0, channels, grain, [&](int64_t begin, int64_t end) {
+    for_keep_batches(rng, threshold, begin, end,
+                     [&](int64_t first, int64_t count, const uint8_t* keep) {
+                       for (int64_t k = 0; k < count; ++k) {
+                         const int64_t e0 = (first + k) * channel_numel;
+                         const int64_t e1 = std::min(numel, e0 + channel_numel);
+                         for (int64_t i = e0; i < e1; ++i) {
+                           out[i] = apply_keep(keep[k] != 0, in[i], scale);
+                         }
+                       }
+                     });
+  });
+}
+
+}  // namespace
+
+RngPair acquire_cpu_rng(const RngRequest& request) {
+  if (request.seed.has_value()) {
+    return RngPair{static_cast<uint64_t>(*request.seed), static_cast<uint64_t>(request.offset)};
+  }
+  auto* gen = at::get_generator_or_default<at::CPUGeneratorImpl>(
+      request.generator, at::detail::getDefaultCPUGenerator());
+  // One 64-bit draw per call, under the generator's lock: concurrent calls never share a seed
+  // draw, and torch.manual_seed reproduces the sequence.
+  std::lock_guard<std::mutex> lock(gen->mutex_);
+  return RngPair{gen->random64(), 0};
+}
+
+void dropout_pass_cpu(const DropoutPass& pass) {
+  const at::Tensor& in = *pass.input;
+  at::Tensor& out = *pass.output;
+  const RngPair rng = resolve_rng(*pass.rng_state, pass.request);
+  const uint32_t threshold = drop_threshold(pass.p);
+  const int64_t numel = in.numel();
+  FD_DISPATCH_FLOAT_TYPES(in.scalar_type(), "dropout_cpu", [&] {
+    const auto scale = keep_scale<acc_type_t<scalar_t>>(pass.p);
+    const scalar_t* src = in.const_data_ptr<scalar_t>();
+    scalar_t* dst = out.mutable_data_ptr<scalar_t>();
+    if (pass.channel_numel == 1) {
+      dropout_elements(src, dst, numel, rng, threshold, scale);
+    } else {
+      dropout_channels(src, dst, numel, pass.channel_numel, rng, threshold, scale);
+    }
+  });
+}
+
+void keep_mask_cpu(at::Tensor& mask, const at::Tensor& rng_state, double p) {
+  const RngPair rng = read_rng_state(rng_state);
+  const uint32_t threshold = drop_threshold(p);
+  bool* dst = mask.mutable_data_ptr<bool>();
+  at::parallel_for(0, mask.numel(), kGrainElements, [&](int64_t begin, int64_t end) {
+    for_keep_batches(rng, threshold, begin, end,
+                     [&](int64_t first, int64_t count, const uint8_t* keep) {
+                       for (int64_t k = 0; k < count; ++k) dst[first + k] = keep[k] != 0;
+                     });
+  });
+}
+
+void bias_dropout_add_forward_cpu(const BiasDropoutAddForward& args) {
+  const at::Tensor& x = *args.x;
+  const bool has_bias = args.bias->defined();
+  const int64_t numel = x.numel();
+  const int64_t columns = has_bias ? args.bias->numel() : 1;
+  const RngPair rng = resolve_rng(*args.rng_state, args.request);
+  const uint32_t threshold = drop_threshold(args.p);
+  FD_DISPATCH_FLOAT_TYPES(x.scalar_type(),
+                                  "bias_dropout_add_cpu", [&] {
+    using acc_t = acc_type_t<scalar_t>;
+    const acc_t scale = keep_scale<acc_t>(args.p);
+    const scalar_t* xs = x.const_data_ptr<scalar_t>();
+    const scalar_t* rs = args.residual->const_data_ptr<scalar_t>();
+    const scalar_t* bs = has_bias ? args.bias->const_data_ptr<scalar_t>() : nullptr;
+    scalar_t* out = args.output->mutable_data_ptr<scalar_t>();
+    at::parallel_for(0, numel, kGrainElements, [&](int64_t begin, int64_t end) {
+      for_keep_batches(rng, threshold, begin, end,
+                       [&](int64_t first, int64_t count, const uint8_t* keep) {
+        if (bs == nullptr) {
+          for (int64_t k = 0; k < count; ++k) {
+            const int64_t i = first + k;
+            out[i] = bias_dropout_add_element<false>(keep[k] != 0, xs[i], acc_t(0), rs[i], scale);
+          }
+          return;
+        }
+        int64_t col = first % columns;
+        for (int64_t k = 0; k < count; ++k) {
+          const int64_t i = first + k;
+          out[i] = bias_dropout_add_element<true>(keep[k] != 0, xs[i],
+                                                  static_cast<acc_t>(bs[col]), rs[i], scale);
+          if (++col == columns) col = 0;
+        }
+      });
+    });
+  });
+}
+
+void bias_dropout_add_backward_cpu(const BiasDropoutAddBackward& args) {
+  const at::Tensor& grad = *args.grad;
+  const int64_t columns = grad.size(-1);
+  const int64_t rows = columns == 0 ? 0 : grad.numel() / columns;
+  const RngPair rng = read_rng_state(*args.rng_state);
+  const uint32_t threshold = drop_threshold(args.p);
+  // Rows are cut into fixed chunks whatever the thread count; each chunk sums into its own
+  // float32 partial row and the partials are added in chunk order: bitwise deterministic.
+  const int64_t rows_per_chunk = std::max<int64_t>(1, kGrainElements / std::max<int64_t>(columns, 1));
+  const int64_t chunks = ceil_div(rows, rows_per_chunk);
+  FD_DISPATCH_FLOAT_TYPES(grad.scalar_type(),
+                                  "bias_dropout_add_backward_cpu", [&] {
+    using acc_t = acc_type_t<scalar_t>;
+    // Partial sums in float32 (float64 for float64 gradients).
+    using sum_t = acc_t;
+    std::vector<sum_t> sums(static_cast<size_t>(chunks * columns), sum_t(0));
+    const acc_t scale = keep_scale<acc_t>(args.p);
+    const scalar_t* gs = grad.const_data_ptr<scalar_t>();
+    scalar_t* gx = args.grad_x->mutable_data_ptr<scalar_t>();
+    at::parallel_for(0, chunks, 1, [&](int64_t chunk_begin, int64_t chunk_end) {
+      for (int64_t chunk = chunk_begin; chunk < chunk_end; ++chunk) {
+        sum_t* partial = sums.data() + chunk * columns;
+        const int64_t e0 = chunk * rows_per_chunk * columns;
+        const int64_t e1 = std::min(rows, (chunk + 1) * rows_per_chunk) * columns;
+        for_keep_batches(rng, threshold, e0, e1,
+                         [&](int64_t first, int64_t count, const uint8_t* keep) {
+          int64_t col = first % columns;
+          for (int64_t k = 0; k < count; ++k) {
+            const scalar_t g = apply_keep(keep[k] != 0, gs[first + k], scale);
+            gx[first + k] = g;
+            partial[col] = add_rn(partial[col], static_cast<sum_t>(g));
+            if (++col == columns) col = 0;
+          }
+        });
+      }
+    });
+    scalar_t* gb = args.grad_bias->mutable_data_ptr<scalar_t>();
+    for (int64_t c = 0; c < columns; ++c) {
+      sum_t total = 0;
+      for (int64_t chunk = 0; chunk < chunks; ++chunk) total = add_rn(total, sums[chunk * columns + c]);
+      gb[c] = static_cast<scalar_t>(total);
+    }
+  });
+}
+
+}  // namespace fastdropout

@@ -1,0 +1,116 @@
+// The one place that turns (seed, offset, index, p) into keep or drop. Every kernel, CPU and
+// CUDA, plain, channel-wise and fused, draws its mask through keep_bits8(); the contract is
+// spelled out in README.md ("The mask contract") and pinned by tests/test_contract.py.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <type_traits>
+
+#include "philox.h"
+
+namespace fastdropout {
+
+// One Philox4x32-10 call yields 128 bits: 16 for each of 8 consecutive logical elements.
+constexpr int kElementsPerPhilox = 8;
+
+// t = round(p * 65536), ties to even; an element is kept iff its 16 random bits u >= t.
+// The effective drop probability is t / 65536 (within 2^-17 of p). Host only: the kernels
+// get t precomputed.
+inline uint32_t drop_threshold(double p) {
+  return static_cast<uint32_t>(std::nearbyint(p * 65536.0));
+}
+
+// scale = 1 / (1 - p) in double, rounded to the accumulation type. p = 1 drops everything,
+// and 0 (not inf) keeps inf * 0 out of the arithmetic altogether.
+template <typename acc_t>
+inline acc_t keep_scale(double p) {
+  return p >= 1.0 ? acc_t(0) : static_cast<acc_t>(1.0 / (1.0 - p));
+}
+
+// Keep bits of the 8 elements of group g (logical indices 8g .. 8g+7): bit j set iff kept.
+FD_HOST_DEVICE uint32_t keep_bits8(uint64_t seed, uint64_t offset, uint64_t group,
+                                   uint32_t threshold) {
+  const Philox4x32 r = philox4x32_10(
+      static_cast<uint32_t>(offset), static_cast<uint32_t>(offset >> 32),
+      static_cast<uint32_t>(group), static_cast<uint32_t>(group >> 32),
+      static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32));
+  uint32_t bits = 0;
+#if defined(__CUDA_ARCH__)
+#pragma unroll
+#endif
+  for (int j = 0; j < kElementsPerPhilox; ++j) {
+    const uint32_t u = (r.w[j >> 1] >> (16 * (j & 1))) & 0xFFFFu;
+    bits |= static_cast<uint32_t>(u >= threshold) << j;
+  }
+  return bits;
+}
+
+// Keep bit of one logical element (the scalar tails and the channel kernels).
+FD_HOST_DEVICE bool keep_element(uint64_t seed, uint64_t offset, uint64_t index,
+                                 uint32_t threshold) {
+  return (keep_bits8(seed, offset, index / kElementsPerPhilox, threshold) >>
+          (index % kElementsPerPhilox)) & 1u;
+}
+
+// Float32 accumulation for the 2- and 4-byte types, float64 for double.
+template <typename scalar_t>
+using acc_type_t = std::conditional_t<std::is_same<scalar_t, double>::value, double, float>;
+
+// Sums and products rounded on their own: nvcc would otherwise contract a product and a
+// following sum into one FMA (one rounding instead of two), and the CUDA results would stop
+// matching the CPU ones bit for bit. The CPU side is compiled with -ffp-contract=off.
+FD_HOST_DEVICE float mul_rn(float a, float b) {
+#if defined(__CUDA_ARCH__)
+  return __fmul_rn(a, b);
+#else
+  return a * b;
+#endif
+}
+FD_HOST_DEVICE double mul_rn(double a, double b) {
+#if defined(__CUDA_ARCH__)
+  return __dmul_rn(a, b);
+#else
+  return a * b;
+#endif
+}
+FD_HOST_DEVICE float add_rn(float a, float b) {
+#if defined(__CUDA_ARCH__)
+  return __fadd_rn(a, b);
+#else
+  return a + b;
+#endif
+}
+FD_HOST_DEVICE double add_rn(double a, double b) {
+#if defined(__CUDA_ARCH__)
+  return __dadd_rn(a, b);
+#else
+  return a + b;
+#endif
+}
+
+// A kept element becomes x * scale, the product taken in acc_t and rounded once to scalar_t;
+// a dropped one becomes exactly 0 (also where x is inf or NaN).
+template <typename scalar_t, typename acc_t>
+FD_HOST_DEVICE scalar_t apply_keep(bool keep, scalar_t x, acc_t scale) {
+  return keep ? static_cast<scalar_t>(mul_rn(static_cast<acc_t>(x), scale))
+              : static_cast<scalar_t>(0);
+}
+
+// The fused transformer path: residual + (keep ? (x + bias) * scale : 0), one rounding at the
+// end. Without a bias the sum x + 0 is skipped so that -0 stays -0, as in the unfused code.
+template <bool kHasBias, typename scalar_t, typename acc_t>
+FD_HOST_DEVICE scalar_t bias_dropout_add_element(bool keep, scalar_t x, acc_t bias,
+                                                 scalar_t residual, acc_t scale) {
+  const acc_t v = kHasBias ? add_rn(static_cast<acc_t>(x), bias) : static_cast<acc_t>(x);
+  const acc_t dropped = keep ? mul_rn(v, scale) : acc_t(0);
+  return static_cast<scalar_t>(add_rn(static_cast<acc_t>(residual), dropped));
+}
+
+// The (seed, offset) a call used; handed from forward to backward as an int64[2] tensor.
+struct RngPair {
+  uint64_t seed;
+  uint64_t offset;
+};
+
+}  // namespace fastdropout

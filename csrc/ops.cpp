@@ -1,0 +1,244 @@
+// Operator schemas and the device-independent half of each operator: argument checks,
+// contiguity and output layout, allocation. The kernels live in cpu/ and cuda/.
+#include <ATen/ATen.h>
+#include <ATen/MemoryOverlap.h>
+#include <Python.h>
+#include <torch/library.h>
+
+#include <cmath>
+
+#include "fastdropout.h"
+
+// Importing fastdropout._C runs the static TORCH_LIBRARY initialisers below; the module itself
+// is empty (the operators are reached through torch.ops.fastdropout).
+extern "C" {
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+}
+
+namespace fastdropout {
+namespace {
+
+using at::Tensor;
+
+void check_p(double p) {
+  TORCH_CHECK_VALUE(p >= 0.0 && p <= 1.0,
+                    "fastdropout: dropout probability p has to be between 0 and 1, but got ", p);
+}
+
+void check_floating(const Tensor& t, const char* name) {
+  TORCH_CHECK(t.layout() == at::kStrided, "fastdropout: ", name,
+              " must be a strided (dense) tensor, got layout ", t.layout());
+  const auto dtype = t.scalar_type();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf ||
+                  dtype == at::kBFloat16,
+              "fastdropout: ", name, " must be float32, float64, float16 or bfloat16, got ", dtype);
+  TORCH_CHECK(t.device().is_cpu() || t.device().is_cuda(), "fastdropout: ", name,
+              " must be on a CPU or CUDA device, got ", t.device());
+}
+
+void check_rng_state(const Tensor& rng_state, const Tensor& like) {
+  TORCH_CHECK(rng_state.scalar_type() == at::kLong && rng_state.numel() == 2 &&
+                  rng_state.is_contiguous(),
+              "fastdropout: rng_state must be a contiguous int64 tensor of 2 elements (seed, offset)");
+  TORCH_CHECK(rng_state.device() == like.device(), "fastdropout: rng_state is on ",
+              rng_state.device(), " but the tensor is on ", like.device());
+}
+
+Tensor new_rng_state(const Tensor& like) {
+  return at::empty({2}, like.options().dtype(at::kLong));
+}
+
+void run_pass(const DropoutPass& pass) {
+#ifdef FASTDROPOUT_WITH_CUDA
+  if (pass.input->is_cuda()) return dropout_pass_cuda(pass);
+#endif
+  TORCH_CHECK(pass.input->is_cpu(), "fastdropout was built without CUDA kernels");
+  dropout_pass_cpu(pass);
+}
+
+// Runs `pass` from `input` into a fresh tensor laid out as at::empty_like(layout_of) (PyTorch's
+// dropout output layout), computing on contiguous buffers.
+Tensor run_pass_out_of_place(const Tensor& input, const Tensor& rng_state,
+                             const RngRequest* request, double p, int64_t channel_numel) {
+  const Tensor in = input.contiguous();
+  Tensor out = at::empty_like(input);
+  Tensor work = out.is_contiguous() ? out : at::empty_like(in);
+  run_pass(DropoutPass{&in, &work, &rng_state, request, p, channel_numel});
+  if (!work.is_same(out)) out.copy_(work);
+  return out;
+}
+
+std::tuple<Tensor, Tensor> dropout_op(const Tensor& x, double p, std::optional<int64_t> seed,
+                                      int64_t offset, std::optional<at::Generator> generator,
+                                      int64_t channel_numel) {
+  check_p(p);
+  check_floating(x, "x");
+  TORCH_CHECK(channel_numel >= 1, "fastdropout: channel_numel must be >= 1");
+  Tensor rng_state = new_rng_state(x);
+  const RngRequest request{seed, offset, std::move(generator)};
+  Tensor out = run_pass_out_of_place(x, rng_state, &request, p, channel_numel);
+  return {out, rng_state};
+}
+
+Tensor dropout_inplace_op(Tensor& x, double p, std::optional<int64_t> seed, int64_t offset,
+                          std::optional<at::Generator> generator, int64_t channel_numel) {
+  check_p(p);
+  check_floating(x, "x");
+  TORCH_CHECK(channel_numel >= 1, "fastdropout: channel_numel must be >= 1");
+  at::assert_no_internal_overlap(x);
+  Tensor rng_state = new_rng_state(x);
+  const RngRequest request{seed, offset, std::move(generator)};
+  // An element is read before it is written by the same thread, so in == out is safe.
+  Tensor work = x.contiguous();
+  run_pass(DropoutPass{&work, &work, &rng_state, &request, p, channel_numel});
+  if (!work.is_same(x)) x.copy_(work);
+  return rng_state;
+}
+
+Tensor dropout_backward_op(const Tensor& grad, const Tensor& rng_state, double p,
+                           int64_t channel_numel) {
+  check_p(p);
+  check_floating(grad, "grad");
+  check_rng_state(rng_state, grad);
+  TORCH_CHECK(channel_numel >= 1, "fastdropout: channel_numel must be >= 1");
+  return run_pass_out_of_place(grad, rng_state, nullptr, p, channel_numel);
+}
+
+Tensor dropout_mask_op(const Tensor& rng_state, int64_t numel, double p) {
+  check_p(p);
+  TORCH_CHECK(numel >= 0, "fastdropout: numel must be >= 0, got ", numel);
+  check_rng_state(rng_state, rng_state);
+  Tensor mask = at::empty({numel}, rng_state.options().dtype(at::kBool));
+#ifdef FASTDROPOUT_WITH_CUDA
+  if (rng_state.is_cuda()) {
+    keep_mask_cuda(mask, rng_state, p);
+    return mask;
+  }
+#endif
+  TORCH_CHECK(rng_state.is_cpu(), "fastdropout was built without CUDA kernels");
+  keep_mask_cpu(mask, rng_state, p);
+  return mask;
+}
+
+void check_bias_residual(const Tensor& x, const std::optional<Tensor>& bias,
+                         const Tensor& residual) {
+  check_floating(residual, "residual");
+  TORCH_CHECK(residual.sizes() == x.sizes(), "fastdropout: residual must have x's shape ",
+              x.sizes(), ", got ", residual.sizes());
+  TORCH_CHECK(residual.scalar_type() == x.scalar_type() && residual.device() == x.device(),
+              "fastdropout: residual must have x's dtype and device (", x.scalar_type(), ", ",
+              x.device(), "), got ", residual.scalar_type(), ", ", residual.device());
+  if (!bias.has_value()) return;
+  check_floating(*bias, "bias");
+  TORCH_CHECK(x.dim() >= 1 && bias->dim() == 1 && bias->size(0) == x.size(-1),
+              "fastdropout: bias must be 1-d with x.shape[-1] elements (",
+              x.dim() >= 1 ? x.size(-1) : 0, "), got shape ", bias->sizes());
+  TORCH_CHECK(bias->scalar_type() == x.scalar_type() && bias->device() == x.device(),
+              "fastdropout: bias must have x's dtype and device (", x.scalar_type(), ", ",
+              x.device(), "), got ", bias->scalar_type(), ", ", bias->device());
+}
+
+std::tuple<Tensor, Tensor> bias_dropout_add_op(const Tensor& x, const std::optional<Tensor>& bias,
+                                               const Tensor& residual, double p,
+                                               std::optional<int64_t> seed, int64_t offset,
+                                               std::optional<at::Generator> generator) {
+  check_p(p);
+  check_floating(x, "x");
+  check_bias_residual(x, bias, residual);
+  const Tensor xc = x.contiguous();
+  const Tensor rc = residual.contiguous();
+  const Tensor bc = bias.has_value() ? bias->contiguous() : Tensor();
+  Tensor out = at::empty_like(x);
+  Tensor work = out.is_contiguous() ? out : at::empty_like(xc);
+  Tensor rng_state = new_rng_state(x);
+  const RngRequest request{seed, offset, std::move(generator)};
+  const BiasDropoutAddForward args{&xc, &bc, &rc, &work, &rng_state, &request, p};
+#ifdef FASTDROPOUT_WITH_CUDA
+  if (x.is_cuda()) {
+    bias_dropout_add_forward_cuda(args);
+  } else
+#endif
+  {
+    TORCH_CHECK(x.is_cpu(), "fastdropout was built without CUDA kernels");
+    bias_dropout_add_forward_cpu(args);
+  }
+  if (!work.is_same(out)) out.copy_(work);
+  return {out, rng_state};
+}
+
+std::tuple<Tensor, Tensor> bias_dropout_add_backward_op(const Tensor& grad,
+                                                        const Tensor& rng_state, double p) {
+  check_p(p);
+  check_floating(grad, "grad");
+  check_rng_state(rng_state, grad);
+  TORCH_CHECK(grad.dim() >= 1, "fastdropout: grad must have at least one dimension");
+  const Tensor gc = grad.contiguous();
+  Tensor grad_x = at::empty_like(gc);
+  Tensor grad_bias = at::empty({grad.size(-1)}, grad.options());
+  const BiasDropoutAddBackward args{&gc, &rng_state, &grad_x, &grad_bias, p};
+#ifdef FASTDROPOUT_WITH_CUDA
+  if (grad.is_cuda()) {
+    bias_dropout_add_backward_cuda(args);
+    return {grad_x, grad_bias};
+  }
+#endif
+  TORCH_CHECK(grad.is_cpu(), "fastdropout was built without CUDA kernels");
+  bias_dropout_add_backward_cpu(args);
+  return {grad_x, grad_bias};
+}
+
+// Philox4x32-10 itself, for the known-answer tests: the same function every kernel calls.
+std::vector<int64_t> philox_op(at::IntArrayRef counter, at::IntArrayRef key) {
+  TORCH_CHECK(counter.size() == 4 && key.size() == 2,
+              "fastdropout: _philox4x32_10 takes 4 counter words and 2 key words");
+  const Philox4x32 r = philox4x32_10(
+      static_cast<uint32_t>(counter[0]), static_cast<uint32_t>(counter[1]),
+      static_cast<uint32_t>(counter[2]), static_cast<uint32_t>(counter[3]),
+      static_cast<uint32_t>(key[0]), static_cast<uint32_t>(key[1]));
+  return {r.w[0], r.w[1], r.w[2], r.w[3]};
+}
+
+}  // namespace
+
+TORCH_LIBRARY(fastdropout, m) {
+  // Seeded random ops: torch.compile must neither merge two calls nor reorder them across the
+  // generator.
+  const std::vector<at::Tag> seeded = {at::Tag::nondeterministic_seeded};
+  m.def(
+      "dropout(Tensor x, float p, int? seed=None, int offset=0, Generator? generator=None, "
+      "int channel_numel=1) -> (Tensor, Tensor)",
+      seeded);
+  m.def(
+      "dropout_(Tensor(a!) x, float p, int? seed=None, int offset=0, Generator? generator=None, "
+      "int channel_numel=1) -> Tensor",
+      seeded);
+  m.def("dropout_backward(Tensor grad, Tensor rng_state, float p, int channel_numel=1) -> Tensor");
+  m.def("dropout_mask(Tensor rng_state, int numel, float p) -> Tensor");
+  m.def(
+      "bias_dropout_add(Tensor x, Tensor? bias, Tensor residual, float p, int? seed=None, "
+      "int offset=0, Generator? generator=None) -> (Tensor, Tensor)",
+      seeded);
+  m.def("bias_dropout_add_backward(Tensor grad, Tensor rng_state, float p) -> (Tensor, Tensor)");
+  m.def("_philox4x32_10(int[] counter, int[] key) -> int[]", &philox_op);
+}
+
+// The same operator bodies serve both backends: they differ only in the kernel they call.
+#define FASTDROPOUT_REGISTER_BACKEND(KEY)                                  \
+  TORCH_LIBRARY_IMPL(fastdropout, KEY, m) {                                \
+    m.impl("dropout", &dropout_op);                                        \
+    m.impl("dropout_", &dropout_inplace_op);                               \
+    m.impl("dropout_backward", &dropout_backward_op);                      \
+    m.impl("dropout_mask", &dropout_mask_op);                              \
+    m.impl("bias_dropout_add", &bias_dropout_add_op);                      \
+    m.impl("bias_dropout_add_backward", &bias_dropout_add_backward_op);    \
+  }
+
+FASTDROPOUT_REGISTER_BACKEND(CPU)
+#ifdef FASTDROPOUT_WITH_CUDA
+FASTDROPOUT_REGISTER_BACKEND(CUDA)
+#endif
+
+}  // namespace fastdropout

@@ -1,0 +1,275 @@
+"""Functional dropout with Philox masks that are regenerated in backward, never stored.
+
+Every function here draws its mask by the contract in README.md ("The mask contract"): the
+keep bit of the element at logical index ``i`` is a pure function of (seed, offset, i, p), the
+same on the CPU and on every GPU.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Optional, Sequence, Tuple, Union
+
+import torch
+
+from ._ops import ops
+
+__all__ = [
+    "dropout",
+    "dropout1d",
+    "dropout2d",
+    "dropout3d",
+    "feature_dropout",
+    "dropout_mask",
+    "bias_dropout_add",
+]
+
+_FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+_U64 = 1 << 64
+
+
+# --- argument checks: every bad input gets a Python error naming the argument ------------------
+
+def _check_p(p) -> float:
+    if isinstance(p, bool) or not isinstance(p, numbers.Real):
+        raise TypeError(f"fastdropout: p must be a float in [0, 1], got {type(p).__name__}")
+    p = float(p)
+    if not (0.0 <= p <= 1.0):  # also rejects NaN
+        raise ValueError(f"dropout probability has to be between 0 and 1, but got {p} (argument p)")
+    return p
+
+
+def _check_tensor(t, name: str) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"fastdropout: {name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.layout != torch.strided:
+        raise TypeError(f"fastdropout: {name} must be a dense (strided) tensor, got layout {t.layout}")
+    if t.dtype not in _FLOAT_DTYPES:
+        raise TypeError(
+            f"fastdropout: {name} must be float32, float64, float16 or bfloat16, got {t.dtype}")
+    if t.device.type not in ("cpu", "cuda"):
+        raise ValueError(f"fastdropout: {name} must be on a CPU or CUDA device, got {t.device}")
+
+
+def _to_int64(value: int, name: str) -> int:
+    """A Python int in [0, 2**64) as the int64 with the same 64 bits."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"fastdropout: {name} must be an int in [0, 2**64), got {type(value).__name__}")
+    value = int(value)
+    if not (0 <= value < _U64):
+        raise ValueError(f"fastdropout: {name} must be in [0, 2**64), got {value}")
+    return value - _U64 if value >= (1 << 63) else value
+
+
+def _rng_args(x: torch.Tensor, seed, offset, generator) -> Tuple[Optional[int], int]:
+    if seed is None:
+        if offset != 0:
+            raise ValueError("fastdropout: offset is only used together with seed=")
+        if generator is not None:
+            if not isinstance(generator, torch.Generator):
+                raise TypeError(
+                    f"fastdropout: generator must be a torch.Generator, got {type(generator).__name__}")
+            gdev = generator.device
+            if gdev.type != x.device.type or (
+                    x.device.type == "cuda" and (gdev.index or 0) != (x.device.index or 0)):
+                raise ValueError(
+                    f"fastdropout: generator is on {gdev} but the tensor is on {x.device}")
+        return None, 0
+    if generator is not None:
+        raise ValueError("fastdropout: pass either seed= or generator=, not both")
+    return _to_int64(seed, "seed"), _to_int64(offset, "offset")
+
+
+class _InplaceDropout(torch.autograd.Function):
+    """In-place dropout under autograd: the tensor is overwritten and marked dirty, as with
+    torch's dropout(inplace=True); backward replays the mask from the saved (seed, offset)."""
+
+    @staticmethod
+    def forward(ctx, x, p, seed, offset, generator, channel_numel):
+        rng_state = ops.dropout_(x, p, seed, offset, generator, channel_numel)
+        ctx.mark_dirty(x)
+        ctx.save_for_backward(rng_state)
+        ctx.p, ctx.channel_numel = p, channel_numel
+        return x
+
+    @staticmethod
+    def backward(ctx, grad):
+        (rng_state,) = ctx.saved_tensors
+        return ops.dropout_backward(grad, rng_state, ctx.p, ctx.channel_numel), None, None, None, None, None
+
+
+def _run(x: torch.Tensor, p: float, inplace: bool, seed, offset, generator,
+         channel_numel: int) -> torch.Tensor:
+    seed, offset = _rng_args(x, seed, offset, generator)
+    if not inplace:
+        return ops.dropout(x, p, seed, offset, generator, channel_numel)[0]
+    if torch.is_grad_enabled() and x.requires_grad:
+        if x.is_leaf:
+            raise RuntimeError(
+                "fastdropout: inplace=True on a leaf tensor that requires grad (x); "
+                "use inplace=False or apply it to a non-leaf tensor")
+        return _InplaceDropout.apply(x, p, seed, offset, generator, channel_numel)
+    ops.dropout_(x, p, seed, offset, generator, channel_numel)
+    return x
+
+
+def dropout(x: torch.Tensor, p: float = 0.5, training: bool = True, inplace: bool = False, *,
+            seed: Optional[int] = None, offset: int = 0,
+            generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """Dropout in one pass, drop-in for :func:`torch.nn.functional.dropout`.
+
+    Each element is zeroed with probability ``p`` (exactly ``round(p * 65536) / 65536``) and
+    the others are scaled by ``1 / (1 - p)``. Nothing is saved for backward but the 16-byte
+    (seed, offset) pair: the mask is regenerated there.
+
+    Args:
+        x: float32, float64, float16 or bfloat16 tensor, on the CPU or a CUDA device, any shape
+            and layout (the mask goes by logical row-major index).
+        p: drop probability in [0, 1].
+        training: when False, ``x`` itself is returned (as torch does).
+        inplace: overwrite ``x``.
+        seed: a 64-bit seed in [0, 2**64) makes the mask a pure function of
+            (seed, offset, index, p), identical on every device. Default: drawn from the
+            generator of ``x``'s device (CUDA: its Philox offset advances by 4 per call).
+        offset: 64-bit stream offset used with ``seed``.
+        generator: a torch.Generator on ``x``'s device to draw from instead of the default one.
+
+    Example::
+
+        >>> import torch, fastdropout
+        >>> x = torch.ones(8)
+        >>> fastdropout.dropout(x, p=0.5, seed=0)
+        tensor([0., 2., 0., 0., 2., 2., 0., 2.])
+    """
+    p = _check_p(p)
+    _check_tensor(x, "x")
+    if not training or p == 0.0 or x.numel() == 0:
+        return x
+    return _run(x, p, inplace, seed, offset, generator, 1)
+
+
+def feature_dropout(x: torch.Tensor, p: float = 0.5, training: bool = True,
+                    inplace: bool = False, *, seed: Optional[int] = None, offset: int = 0,
+                    generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """Channel dropout over dims (N, C, ...): whole channels are zeroed, the keep bit of
+    channel (n, c) being the contract's bit for mask index ``n * C + c``."""
+    p = _check_p(p)
+    _check_tensor(x, "x")
+    if x.dim() < 2:
+        raise ValueError(
+            f"fastdropout: channel dropout needs an input of at least 2 dimensions (N, C, ...), got {x.dim()}")
+    if not training or p == 0.0 or x.numel() == 0:
+        return x
+    channel_numel = math.prod(x.shape[2:])
+    return _run(x, p, inplace, seed, offset, generator, channel_numel)
+
+
+def dropout1d(x: torch.Tensor, p: float = 0.5, training: bool = True, inplace: bool = False, *,
+              seed: Optional[int] = None, offset: int = 0,
+              generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """Channel dropout for (N, C, L) or unbatched (C, L) inputs, as
+    :func:`torch.nn.functional.dropout1d`."""
+    p = _check_p(p)
+    _check_tensor(x, "x")
+    if x.dim() not in (2, 3):
+        raise ValueError(f"fastdropout: dropout1d expects a 2-D (C, L) or 3-D (N, C, L) input x, got {x.dim()}-D")
+    return _channels(x, 3, p, training, inplace, seed, offset, generator)
+
+
+def dropout2d(x: torch.Tensor, p: float = 0.5, training: bool = True, inplace: bool = False, *,
+              seed: Optional[int] = None, offset: int = 0,
+              generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """Channel dropout for (N, C, H, W) inputs, as :func:`torch.nn.functional.dropout2d`
+    (which, for 3-D inputs, drops channels of (N, C, L): so does this)."""
+    p = _check_p(p)
+    _check_tensor(x, "x")
+    if x.dim() not in (3, 4):
+        raise ValueError(f"fastdropout: dropout2d expects a 3-D or 4-D input x, got {x.dim()}-D")
+    return feature_dropout(x, p, training, inplace, seed=seed, offset=offset, generator=generator)
+
+
+def dropout3d(x: torch.Tensor, p: float = 0.5, training: bool = True, inplace: bool = False, *,
+              seed: Optional[int] = None, offset: int = 0,
+              generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """Channel dropout for (N, C, D, H, W) or unbatched (C, D, H, W) inputs, as
+    :func:`torch.nn.functional.dropout3d`."""
+    p = _check_p(p)
+    _check_tensor(x, "x")
+    if x.dim() not in (4, 5):
+        raise ValueError(f"fastdropout: dropout3d expects a 4-D or 5-D input x, got {x.dim()}-D")
+    return _channels(x, 5, p, training, inplace, seed, offset, generator)
+
+
+def _channels(x, batched_dim, p, training, inplace, seed, offset, generator):
+    """Unbatched inputs get a batch dimension of 1 (mask index = channel), as torch does."""
+    if x.dim() == batched_dim:
+        return feature_dropout(x, p, training, inplace, seed=seed, offset=offset, generator=generator)
+    out = feature_dropout(x.unsqueeze(0), p, training, inplace, seed=seed, offset=offset,
+                          generator=generator)
+    return x if inplace else out.squeeze(0)
+
+
+def dropout_mask(shape: Union[int, Sequence[int], torch.Size], p: float, seed: int,
+                 offset: int = 0, device: Union[str, torch.device] = "cpu") -> torch.Tensor:
+    """The keep mask (True = kept) that :func:`dropout` applies to a tensor of ``shape`` with
+    this ``seed`` and ``offset``: the mask contract, for inspection and tests.
+
+    Example::
+
+        >>> fastdropout.dropout_mask((2, 4), p=0.5, seed=0)
+        tensor([[False,  True, False, False],
+                [ True,  True, False,  True]])
+    """
+    p = _check_p(p)
+    shape = (shape,) if isinstance(shape, numbers.Integral) else tuple(shape)
+    if any(isinstance(s, bool) or not isinstance(s, numbers.Integral) or s < 0 for s in shape):
+        raise ValueError(f"fastdropout: shape must be non-negative ints, got {shape}")
+    if seed is None:
+        raise TypeError("fastdropout: dropout_mask needs an explicit seed")
+    device = torch.device(device)
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"fastdropout: device must be a CPU or CUDA device, got {device}")
+    rng_state = torch.tensor([_to_int64(seed, "seed"), _to_int64(offset, "offset")],
+                             dtype=torch.int64, device=device)
+    return ops.dropout_mask(rng_state, math.prod(shape), p).view(shape)
+
+
+def bias_dropout_add(x: torch.Tensor, bias: Optional[torch.Tensor], residual: torch.Tensor,
+                     p: float, training: bool = True, *, seed: Optional[int] = None,
+                     offset: int = 0, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """``residual + dropout(x + bias, p)`` in one pass forward and one pass backward.
+
+    The mask is exactly the one :func:`dropout` draws for a tensor of ``x``'s shape with the
+    same seed and offset. Arithmetic in float32 (float64 for float64 inputs), rounded once.
+    ``bias`` is None or 1-D of size ``x.shape[-1]``; ``residual`` has ``x``'s shape, dtype and
+    device. With ``training=False`` it returns ``residual + x + bias``.
+
+    Example::
+
+        >>> x, r = torch.randn(4, 16), torch.randn(4, 16)
+        >>> b = torch.zeros(16)
+        >>> out = fastdropout.bias_dropout_add(x, b, r, p=0.1, seed=1)
+    """
+    p = _check_p(p)
+    _check_tensor(x, "x")
+    _check_tensor(residual, "residual")
+    if residual.shape != x.shape or residual.dtype != x.dtype or residual.device != x.device:
+        raise ValueError(
+            "fastdropout: residual must have x's shape, dtype and device "
+            f"({tuple(x.shape)}, {x.dtype}, {x.device}), got "
+            f"({tuple(residual.shape)}, {residual.dtype}, {residual.device})")
+    if bias is not None:
+        _check_tensor(bias, "bias")
+        if x.dim() == 0 or bias.dim() != 1 or bias.shape[0] != x.shape[-1]:
+            raise ValueError(
+                f"fastdropout: bias must be 1-D with x.shape[-1] elements, got shape {tuple(bias.shape)} "
+                f"for x of shape {tuple(x.shape)}")
+        if bias.dtype != x.dtype or bias.device != x.device:
+            raise ValueError(
+                f"fastdropout: bias must have x's dtype and device ({x.dtype}, {x.device}), "
+                f"got ({bias.dtype}, {bias.device})")
+    if not training or p == 0.0:
+        # Same single pass with nothing dropped; an explicit seed leaves the generator alone.
+        return ops.bias_dropout_add(x, bias, residual, 0.0, 0, 0, None)[0]
+    seed, offset = _rng_args(x, seed, offset, generator)
+    return ops.bias_dropout_add(x, bias, residual, p, seed, offset, generator)[0]

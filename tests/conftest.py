@@ -1,0 +1,23 @@
+import pytest
+import torch
+
+import fastdropout
+
+FLOAT_DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
+
+HAS_CUDA = torch.cuda.is_available() and fastdropout.cuda_kernels_built()
+requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU and the CUDA kernels")
+
+
+def devices():
+    """The devices every device-generic test runs on: the CPU, and CUDA when present."""
+    return ["cpu"] + (["cuda"] if HAS_CUDA else [])
+
+
+def bits_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Bitwise equality (tells -0 from 0 and compares NaN payloads)."""
+    if a.shape != b.shape or a.dtype != b.dtype:
+        return False
+    view = {torch.float32: torch.int32, torch.float64: torch.int64,
+            torch.float16: torch.int16, torch.bfloat16: torch.int16}[a.dtype]
+    return torch.equal(a.detach().cpu().contiguous().view(view), b.detach().cpu().contiguous().view(view))

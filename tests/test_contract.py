@@ -1,0 +1,129 @@
+"""The mask contract is public API: these tests pin it (README.md, "The mask contract")."""
+import numpy as np
+import pytest
+import torch
+
+import fastdropout
+from conftest import FLOAT_DTYPES, bits_equal, devices
+import reference
+
+# Random123's Philox4x32-10 known-answer vectors (kat_vectors): counter, key, expected output.
+PHILOX_KAT = [
+    ((0x00000000, 0x00000000, 0x00000000, 0x00000000), (0x00000000, 0x00000000),
+     (0x6627e8d5, 0xe169c58d, 0xbc57ac4c, 0x9b00dbd8)),
+    ((0xffffffff, 0xffffffff, 0xffffffff, 0xffffffff), (0xffffffff, 0xffffffff),
+     (0x408f276d, 0x41c83b0e, 0xa20bc7c6, 0x6d5451fd)),
+    ((0x243f6a88, 0x85a308d3, 0x13198a2e, 0x03707344), (0xa4093822, 0x299f31d0),
+     (0xd16cfe09, 0x94fdcceb, 0x5001e420, 0x24126ea1)),
+]
+
+SEEDS_OFFSETS = [(0, 0), (1, 0), (42, 7), (2**32 + 5, 3), (2**63 + 11, 2**40 + 1),
+                 (2**64 - 1, 2**64 - 1), (0xDEADBEEFCAFEF00D, 2**32)]
+
+
+@pytest.mark.parametrize("counter,key,expected", PHILOX_KAT)
+def test_philox_known_answers(counter, key, expected):
+    """The C++ Philox (the one every kernel calls) matches Random123 bit for bit."""
+    assert tuple(torch.ops.fastdropout._philox4x32_10(list(counter), list(key))) == expected
+
+
+@pytest.mark.parametrize("counter,key,expected", PHILOX_KAT)
+def test_reference_philox_known_answers(counter, key, expected):
+    """The numpy reference the other tests trust is itself right."""
+    out = reference.philox4x32_10(*[np.uint64(c) for c in counter], *key)
+    assert tuple(int(w) for w in out) == expected
+
+
+def test_mask_is_philox_of_the_documented_counter():
+    """Element i of group g uses 16-bit lane i % 8 of Philox(counter=(o, g), key=s)."""
+    seed, offset, group = 0x0123456789ABCDEF, 0x1122334455667788, 5
+    words = torch.ops.fastdropout._philox4x32_10(
+        [offset & 0xFFFFFFFF, offset >> 32, group, 0], [seed & 0xFFFFFFFF, seed >> 32])
+    lanes = [(words[j // 2] >> (16 * (j % 2))) & 0xFFFF for j in range(8)]
+    for p in (0.1, 0.5, 0.9):
+        t = round(p * 65536)
+        mask = fastdropout.dropout_mask(48, p, seed=seed, offset=offset)
+        assert mask[40:48].tolist() == [u >= t for u in lanes]
+
+
+def test_pinned_mask():
+    """A literal: any change to the contract, in the kernels or the reference, fails here."""
+    mask = fastdropout.dropout_mask(16, 0.5, seed=0)
+    assert mask.int().tolist() == [1, 0, 1, 1, 1, 1, 1, 1, 0, 1, 0, 1, 1, 0, 0, 1]
+    mask = fastdropout.dropout_mask(16, 0.5, seed=2**64 - 1, offset=2**33)
+    assert mask.int().tolist() == [0, 0, 1, 0, 1, 1, 1, 0, 0, 0, 0, 1, 1, 1, 1, 0]
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("seed,offset", SEEDS_OFFSETS)
+@pytest.mark.parametrize("numel", [1, 7, 8, 9, 63, 1000, 4099])
+def test_dropout_mask_matches_reference(device, seed, offset, numel):
+    for p in (0.1, 0.5):
+        got = fastdropout.dropout_mask(numel, p, seed=seed, offset=offset, device=device)
+        assert got.dtype == torch.bool and got.device.type == device
+        np.testing.assert_array_equal(got.cpu().numpy(), reference.keep_mask(numel, p, seed, offset))
+
+
+@pytest.mark.parametrize("p,t", [(0.0, 0), (1.0, 65536), (0.5, 32768), (0.1, 6554),
+                                 (1.5 / 65536, 2), (2.5 / 65536, 2), (0.3, 19661)])
+def test_threshold_rounds_half_to_even(p, t):
+    assert reference.threshold(p) == t
+    mask = fastdropout.dropout_mask(4096, p, seed=9)
+    np.testing.assert_array_equal(mask.numpy(), reference.keep_mask(4096, p, 9))
+
+
+def test_effective_probability_within_2_pow_minus_17():
+    for p in np.linspace(0, 1, 1001):
+        assert abs(reference.threshold(p) / 65536 - p) <= 2**-17
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("p", [0.1, 0.5, 0.9, 1.0])
+def test_dropout_is_x_times_mask_times_scale(device, dtype, p):
+    torch.manual_seed(0)
+    x = (torch.randn(3, 1001) * 10).to(dtype).to(device)
+    got = fastdropout.dropout(x, p, seed=1234, offset=5)
+    assert bits_equal(got, reference.dropout(x, p, 1234, 5))
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+def test_dropped_elements_are_zero_even_for_nan_and_inf(dtype):
+    x = torch.tensor([float("nan"), float("inf"), -float("inf"), 1.0] * 64, dtype=dtype)
+    y = fastdropout.dropout(x, 0.5, seed=3)
+    mask = fastdropout.dropout_mask(x.shape, 0.5, seed=3)
+    assert (y[~mask] == 0).all()
+    torch.testing.assert_close(y[mask], x[mask] * 2, rtol=0, atol=0, equal_nan=True)
+
+
+@pytest.mark.parametrize("device", devices())
+def test_mask_follows_logical_index_for_any_layout(device):
+    """Non-contiguous inputs: the mask goes by the index in x.contiguous().view(-1)."""
+    torch.manual_seed(1)
+    base = torch.randn(40, 50, device=device)
+    for x in (base.t(), base[:, ::3], base[5:25, 7:], base.unsqueeze(0).expand(3, 40, 50),
+              torch.randn(2, 3, 9, 11, device=device).to(memory_format=torch.channels_last)):
+        got = fastdropout.dropout(x, 0.3, seed=77, offset=2)
+        want = reference.dropout(x.contiguous(), 0.3, 77, 2)
+        assert torch.equal(got, want)
+        assert got.stride() == torch.empty_like(x).stride()  # output layout as torch's
+
+
+@pytest.mark.parametrize("device", devices())
+def test_same_seed_same_mask_other_offset_other_mask(device):
+    a = fastdropout.dropout_mask(10000, 0.5, seed=5, offset=0, device=device)
+    b = fastdropout.dropout_mask(10000, 0.5, seed=5, offset=0, device=device)
+    c = fastdropout.dropout_mask(10000, 0.5, seed=5, offset=1, device=device)
+    d = fastdropout.dropout_mask(10000, 0.5, seed=6, offset=0, device=device)
+    assert torch.equal(a, b)
+    # Independent masks at p = 0.5 agree on about half the elements (5000 +- 50 sigma-1).
+    for other in (c, d):
+        agree = (a == other).sum().item()
+        assert abs(agree - 5000) < 5 * 50
+
+
+def test_mask_of_a_prefix_is_the_prefix_of_the_mask():
+    """The mask of element i does not depend on the tensor's size."""
+    long = fastdropout.dropout_mask(5000, 0.4, seed=8)
+    for n in (1, 13, 4096, 4999):
+        assert torch.equal(fastdropout.dropout_mask(n, 0.4, seed=8), long[:n])
