@@ -89,11 +89,20 @@ def _version():
 
 def extensions():
     # The C++ standard is left to torch.utils.cpp_extension (C++17 or C++20 per torch version).
-    cxx_flags = ["-O3", "-ffp-contract=off"]
+    # -ffp-contract=off: no FMA contraction (results must match the CUDA kernels bit for bit).
+    # -fno-trapping-math: lets the select-after-multiply loops vectorise (FP exception flags
+    # are not part of any result).
+    # -fopenmp: at::parallel_for is a header that uses OpenMP pragmas; without the flag our CPU
+    # kernels would run on one thread. The libgomp torch ships (same soname) serves both.
+    cxx_flags = ["-O3", "-ffp-contract=off", "-fno-trapping-math"]
+    link_flags = []
+    if sys.platform.startswith("linux"):
+        cxx_flags.append("-fopenmp")
+        link_flags.append("-fopenmp")
     sources = ["csrc/ops.cpp", "csrc/cpu/dropout_cpu.cpp"]
     if not WITH_CUDA:
         return [CppExtension("fastdropout._C", sources, extra_compile_args={"cxx": cxx_flags},
-                             py_limited_api=False)]
+                             extra_link_args=link_flags)]
     _default_arch_list()
     # No --use_fast_math: the kernels' rounding must match the CPU's bit for bit.
     nvcc_flags = ["-O3", "-DFASTDROPOUT_WITH_CUDA", "-lineinfo"]
@@ -104,6 +113,7 @@ def extensions():
         sources + ["csrc/cuda/dropout_cuda.cu"],
         include_dirs=_cuda_include_dirs(),
         extra_compile_args={"cxx": cxx_flags + ["-DFASTDROPOUT_WITH_CUDA"], "nvcc": nvcc_flags},
+        extra_link_args=link_flags,
     )]
 
 

@@ -91,10 +91,12 @@ FD_HOST_DEVICE double add_rn(double a, double b) {
 
 // A kept element becomes x * scale, the product taken in acc_t and rounded once to scalar_t;
 // a dropped one becomes exactly 0 (also where x is inf or NaN).
+// The product is computed either way and then selected: branch-free, so that the CPU loops
+// vectorise (a conditional multiply is control flow to the vectoriser).
 template <typename scalar_t, typename acc_t>
 FD_HOST_DEVICE scalar_t apply_keep(bool keep, scalar_t x, acc_t scale) {
-  return keep ? static_cast<scalar_t>(mul_rn(static_cast<acc_t>(x), scale))
-              : static_cast<scalar_t>(0);
+  const acc_t kept = mul_rn(static_cast<acc_t>(x), scale);
+  return static_cast<scalar_t>(keep ? kept : acc_t(0));
 }
 
 // The fused transformer path: residual + (keep ? (x + bias) * scale : 0), one rounding at the
@@ -103,7 +105,8 @@ template <bool kHasBias, typename scalar_t, typename acc_t>
 FD_HOST_DEVICE scalar_t bias_dropout_add_element(bool keep, scalar_t x, acc_t bias,
                                                  scalar_t residual, acc_t scale) {
   const acc_t v = kHasBias ? add_rn(static_cast<acc_t>(x), bias) : static_cast<acc_t>(x);
-  const acc_t dropped = keep ? mul_rn(v, scale) : acc_t(0);
+  const acc_t scaled = mul_rn(v, scale);
+  const acc_t dropped = keep ? scaled : acc_t(0);
   return static_cast<scalar_t>(add_rn(static_cast<acc_t>(residual), dropped));
 }
 

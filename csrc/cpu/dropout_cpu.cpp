@@ -26,7 +26,11 @@ constexpr int64_t kGrainElements = 1 << 15;
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-// Keep bytes of mask indices [group * 8, group * 8 + count * 8).
+// Keep bytes of mask indices [group * 8, group * 8 + count * 8). Built twice, for AVX2 (four
+// 32x32->64-bit products per instruction) and for baseline x86-64 (two), picked at load time.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+__attribute__((target_clones("avx2", "default")))
+#endif
 void fill_keep_bytes(uint8_t* keep, RngPair rng, int64_t group, int64_t count,
                      uint32_t threshold) {
   for (int64_t k = 0; k < count; ++k) {
