@@ -1,8 +1,9 @@
 """Operator plumbing: loads the compiled kernels and registers, for each torch.ops.fastdropout
-operator, its fake (meta) kernel for torch.compile and its autograd formula.
+operator, its fake (meta) kernel for torch.compile.
 
-The schemas and the CPU/CUDA kernels are registered in C++ (csrc/ops.cpp). Backward saves
-nothing but the int64[2] (seed, offset) tensor the forward actually used.
+The schemas, the CPU/CUDA kernels (csrc/ops.cpp) and autograd (csrc/autograd.cpp) are
+registered in C++. Backward saves nothing but the int64[2] (seed, offset) tensor the forward
+actually used.
 """
 from __future__ import annotations
 
@@ -72,98 +73,4 @@ def _bias_dropout_add_fake(x, bias, residual, p, seed=None, offset=0, generator=
 def _bias_dropout_add_backward_fake(grad, rng_state, p):
     return torch.empty_like(grad, memory_format=torch.contiguous_format), grad.new_empty(grad.shape[-1:])
 
-
-# --- autograd ----------------------------------------------------------------------------------
-# dropout: y = keep * scale * x, linear in x, so grad_x is the same pass over grad_y with the
-# same (seed, offset). dropout_backward is linear in grad too: its own backward is itself.
-
-def _dropout_setup_context(ctx, inputs, output):
-    _, p, _, _, _, channel_numel = inputs
-    _, rng_state = output
-    ctx.p = p
-    ctx.channel_numel = channel_numel
-    ctx.save_for_backward(rng_state)
-
-
-def _dropout_backward(ctx, grad_out, _grad_rng_state):
-    (rng_state,) = ctx.saved_tensors
-    grad_x = ops.dropout_backward(grad_out, rng_state, ctx.p, ctx.channel_numel)
-    return grad_x, None, None, None, None, None
-
-
-torch.library.register_autograd(
-    "fastdropout::dropout", _dropout_backward, setup_context=_dropout_setup_context)
-
-
-def _dropout_backward_setup_context(ctx, inputs, output):
-    _, rng_state, p, channel_numel = inputs
-    ctx.p = p
-    ctx.channel_numel = channel_numel
-    ctx.save_for_backward(rng_state)
-
-
-def _dropout_backward_backward(ctx, grad_grad_x):
-    (rng_state,) = ctx.saved_tensors
-    return ops.dropout_backward(grad_grad_x, rng_state, ctx.p, ctx.channel_numel), None, None, None
-
-
-torch.library.register_autograd(
-    "fastdropout::dropout_backward", _dropout_backward_backward,
-    setup_context=_dropout_backward_setup_context)
-
-
-# bias_dropout_add: out = residual + keep * scale * (x + bias).
-# grad_x = keep * scale * grad_out, grad_bias = grad_x summed over the leading dimensions (both
-# from one fused pass), grad_residual = grad_out itself.
-
-def _bias_dropout_add_setup_context(ctx, inputs, output):
-    _, bias, _, p, _, _, _ = inputs
-    _, rng_state = output
-    ctx.p = p
-    ctx.has_bias = bias is not None
-    ctx.save_for_backward(rng_state)
-
-
-def _bias_dropout_add_backward(ctx, grad_out, _grad_rng_state):
-    (rng_state,) = ctx.saved_tensors
-    grad_x = grad_bias = None
-    if ctx.has_bias and ctx.needs_input_grad[1]:
-        grad_x, grad_bias = ops.bias_dropout_add_backward(grad_out, rng_state, ctx.p)
-    elif ctx.needs_input_grad[0]:
-        grad_x = ops.dropout_backward(grad_out, rng_state, ctx.p, 1)
-    if grad_x is not None and not ctx.needs_input_grad[0]:
-        grad_x = None
-    grad_residual = grad_out if ctx.needs_input_grad[2] else None
-    return grad_x, grad_bias, grad_residual, None, None, None, None
-
-
-torch.library.register_autograd(
-    "fastdropout::bias_dropout_add", _bias_dropout_add_backward,
-    setup_context=_bias_dropout_add_setup_context)
-
-
-def _bias_dropout_add_backward_setup_context(ctx, inputs, output):
-    grad, rng_state, p = inputs
-    ctx.p = p
-    ctx.grad_shape = grad.shape
-    ctx.save_for_backward(rng_state)
-
-
-def _bias_dropout_add_backward_backward(ctx, gg_x, gg_bias):
-    # grad_x and grad_bias are both linear in grad through the same mask:
-    # d/d(grad) of <gg_x, grad_x> + <gg_bias, grad_bias> = keep * scale * (gg_x + gg_bias).
-    (rng_state,) = ctx.saved_tensors
-    if gg_x is None and gg_bias is None:
-        return None, None, None
-    if gg_x is None:
-        total = gg_bias.expand(ctx.grad_shape)
-    elif gg_bias is None:
-        total = gg_x
-    else:
-        total = gg_x + gg_bias
-    return ops.dropout_backward(total, rng_state, ctx.p, 1), None, None
-
-
-torch.library.register_autograd(
-    "fastdropout::bias_dropout_add_backward", _bias_dropout_add_backward_backward,
-    setup_context=_bias_dropout_add_backward_setup_context)
+# Autograd is registered in C++ (csrc/autograd.cpp): no Python runs in backward.

@@ -13,7 +13,15 @@ from . import functional as F
 __all__ = ["Dropout", "Dropout1d", "Dropout2d", "Dropout3d", "BiasDropoutAdd"]
 
 
-class Dropout(nn.Dropout):
+class _CheckedP:
+    """torch's constructors accept p = NaN; ours reject it like every other bad p."""
+
+    def __init__(self, p: float = 0.5, inplace: bool = False) -> None:
+        F._check_p(p)
+        super().__init__(p, inplace)
+
+
+class Dropout(_CheckedP, nn.Dropout):
     """Drop-in for :class:`torch.nn.Dropout` whose mask is regenerated in backward.
 
     Example::
@@ -26,21 +34,21 @@ class Dropout(nn.Dropout):
         return F.dropout(input, self.p, self.training, self.inplace)
 
 
-class Dropout1d(nn.Dropout1d):
+class Dropout1d(_CheckedP, nn.Dropout1d):
     """Drop-in for :class:`torch.nn.Dropout1d`: zeroes whole channels of (N, C, L) or (C, L)."""
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         return F.dropout1d(input, self.p, self.training, self.inplace)
 
 
-class Dropout2d(nn.Dropout2d):
+class Dropout2d(_CheckedP, nn.Dropout2d):
     """Drop-in for :class:`torch.nn.Dropout2d`: zeroes whole channels of (N, C, H, W)."""
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         return F.dropout2d(input, self.p, self.training, self.inplace)
 
 
-class Dropout3d(nn.Dropout3d):
+class Dropout3d(_CheckedP, nn.Dropout3d):
     """Drop-in for :class:`torch.nn.Dropout3d`: zeroes whole channels of (N, C, D, H, W)."""
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:

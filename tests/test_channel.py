@@ -1,0 +1,79 @@
+"""Channel dropout (Dropout1d/2d/3d): whole channels, the mask of index n * C + c."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fastdropout
+import reference
+from conftest import FLOAT_DTYPES, bits_equal, devices
+from stats import assert_binomial
+
+CASES = [
+    (fastdropout.dropout1d, F.dropout1d, (4, 6, 10)),
+    (fastdropout.dropout2d, F.dropout2d, (3, 5, 7, 9)),
+    (fastdropout.dropout3d, F.dropout3d, (2, 4, 3, 5, 6)),
+    (fastdropout.dropout2d, F.dropout2d, (4, 6, 10)),  # torch treats 3-D as (N, C, L)
+]
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("fn,torch_fn,shape", CASES)
+def test_matches_reference(device, dtype, fn, torch_fn, shape):
+    x = torch.randn(shape, device=device).to(dtype)
+    got = fn(x, 0.4, seed=17, offset=2)
+    assert bits_equal(got, reference.channel_dropout(x, 0.4, 17, 2))
+    # Same structure as torch's: each (n, c) channel all zero or all scaled.
+    ref = torch_fn(x, 0.4)
+    assert got.shape == ref.shape
+
+
+@pytest.mark.parametrize("fn,batched", [(fastdropout.dropout1d, (6, 10)), (fastdropout.dropout3d, (4, 3, 5, 6))])
+def test_unbatched_inputs_use_channel_index(fn, batched):
+    x = torch.randn(batched)
+    got = fn(x, 0.5, seed=9)
+    assert got.shape == x.shape
+    assert torch.equal(got, reference.channel_dropout(x.unsqueeze(0), 0.5, 9).squeeze(0))
+
+
+def test_whole_channels_dropped_at_the_right_rate():
+    n, c = 64, 256
+    x = torch.ones(n, c, 4, 4)
+    torch.manual_seed(0)
+    y = fastdropout.dropout2d(x, 0.3)
+    per_channel = y.view(n, c, -1)
+    assert ((per_channel == 0).all(-1) | (per_channel != 0).all(-1)).all()
+    assert_binomial(int((per_channel[..., 0] != 0).sum()), n * c, 0.7, "kept channels")
+
+
+def test_backward_and_inplace():
+    x = torch.randn(3, 5, 8, requires_grad=True)
+    y = fastdropout.dropout1d(x, 0.5, seed=4)
+    y.backward(torch.ones_like(y))
+    assert torch.equal(x.grad, reference.channel_dropout(torch.ones(3, 5, 8), 0.5, 4))
+    z = torch.randn(3, 5, 8)
+    want = reference.channel_dropout(z, 0.5, 4)
+    assert fastdropout.dropout1d(z, 0.5, inplace=True, seed=4) is z and torch.equal(z, want)
+    w = torch.randn(5, 8)
+    want = reference.channel_dropout(w.unsqueeze(0), 0.5, 4).squeeze(0)
+    assert fastdropout.dropout1d(w, 0.5, inplace=True, seed=4) is w and torch.equal(w, want)
+
+
+def test_modules_drop_in():
+    for ours, theirs in [(fastdropout.Dropout1d, torch.nn.Dropout1d), (fastdropout.Dropout2d, torch.nn.Dropout2d),
+                         (fastdropout.Dropout3d, torch.nn.Dropout3d)]:
+        m, r = ours(0.2), theirs(0.2)
+        assert isinstance(m, theirs) and repr(m) == repr(r) and m.state_dict() == {}
+        m.eval()
+        x = torch.randn(2, 3, 4, 4, 4) if ours is fastdropout.Dropout3d else torch.randn(2, 3, 4, 4) \
+            if ours is fastdropout.Dropout2d else torch.randn(2, 3, 4)
+        assert m(x) is x
+
+
+def test_bad_ranks():
+    with pytest.raises(ValueError, match="dropout1d"):
+        fastdropout.dropout1d(torch.randn(2, 3, 4, 5), 0.5)
+    with pytest.raises(ValueError, match="dropout2d"):
+        fastdropout.dropout2d(torch.randn(2, 3), 0.5)
+    with pytest.raises(ValueError, match="dropout3d"):
+        fastdropout.dropout3d(torch.randn(2, 3, 4), 0.5)

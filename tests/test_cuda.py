@@ -1,0 +1,229 @@
+"""CUDA-only checks: skipped without a GPU, run by scripts/gpu_check.sh on a lent machine."""
+import pytest
+import torch
+
+import fastdropout
+import reference
+from conftest import FLOAT_DTYPES, HAS_CUDA, bits_equal
+from stats import assert_binomial
+
+pytestmark = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU and the CUDA kernels")
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("numel", [1, 7, 8, 9, 4096 + 3, (1 << 20) + 5])
+def test_cpu_and_cuda_bit_identical(dtype, numel):
+    x = (torch.randn(numel) * 5).to(dtype)
+    for p in (0.1, 0.5, 0.9):
+        cpu = fastdropout.dropout(x, p, seed=2**63 + 9, offset=2**35 + 1)
+        gpu = fastdropout.dropout(x.cuda(), p, seed=2**63 + 9, offset=2**35 + 1)
+        assert bits_equal(cpu, gpu)
+        assert torch.equal(fastdropout.dropout_mask(numel, p, seed=4, offset=1),
+                           fastdropout.dropout_mask(numel, p, seed=4, offset=1, device="cuda").cpu())
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+def test_unaligned_and_strided_inputs_take_the_scalar_path_correctly(dtype):
+    base = torch.randn(4099, device="cuda").to(dtype)
+    for x in (base[1:], base[3:4003], base[::2], base[:4096].view(64, 64).t()):
+        got = fastdropout.dropout(x, 0.3, seed=7)
+        assert bits_equal(got, reference.dropout(x.contiguous().cpu(), 0.3, 7))
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+def test_backward_matches_cpu(dtype):
+    x = torch.randn(3, 1001).to(dtype)
+    g = torch.randn(3, 1001).to(dtype)
+    grads = []
+    for dev in ("cpu", "cuda"):
+        xd = x.to(dev).requires_grad_()
+        fastdropout.dropout(xd, 0.2, seed=99).backward(g.to(dev))
+        grads.append(xd.grad.cpu())
+    assert bits_equal(grads[0], grads[1])
+
+
+def test_default_generator_offset_advances_by_4_and_sets_the_offset():
+    gen = torch.cuda.default_generators[torch.cuda.current_device()]
+    torch.cuda.manual_seed(1234)
+    x = torch.ones(10000, device="cuda")
+    before = gen.get_offset()
+    y = fastdropout.dropout(x, 0.5)
+    assert gen.get_offset() == before + 4
+    want = fastdropout.dropout_mask(10000, 0.5, seed=gen.initial_seed(), offset=before // 4, device="cuda")
+    assert torch.equal(y != 0, want)
+
+
+def test_manual_seed_and_rng_state_reproduce():
+    x = torch.ones(1 << 16, device="cuda")
+    torch.cuda.manual_seed(7)
+    state = torch.cuda.get_rng_state()
+    a, b = fastdropout.dropout(x, 0.5), fastdropout.dropout(x, 0.5)
+    torch.cuda.set_rng_state(state)
+    assert torch.equal(a, fastdropout.dropout(x, 0.5)) and torch.equal(b, fastdropout.dropout(x, 0.5))
+    assert not torch.equal(a, b)
+
+
+def test_explicit_cuda_generator():
+    x = torch.ones(4096, device="cuda")
+    g1 = torch.Generator(device="cuda").manual_seed(3)
+    g2 = torch.Generator(device="cuda").manual_seed(3)
+    assert torch.equal(fastdropout.dropout(x, 0.5, generator=g1), fastdropout.dropout(x, 0.5, generator=g2))
+
+
+def test_checkpoint_reproduces_masks():
+    from torch.utils.checkpoint import checkpoint
+    lin = torch.nn.Linear(64, 64).cuda()
+    x = torch.randn(32, 64, device="cuda", requires_grad=True)
+
+    def block(t):
+        return fastdropout.dropout(torch.relu(lin(t)), 0.3)
+
+    torch.cuda.manual_seed(5)
+    block(x).sum().backward()
+    plain = x.grad.clone()
+    for reentrant in (True, False):
+        x.grad = None
+        torch.cuda.manual_seed(5)
+        checkpoint(block, x, use_reentrant=reentrant, preserve_rng_state=True).sum().backward()
+        assert torch.equal(x.grad, plain)
+
+
+def test_cuda_graph_replay_draws_fresh_masks_and_backward_follows():
+    x = torch.ones(1 << 14, device="cuda", requires_grad=True)
+    static_grad = torch.ones(1 << 14, device="cuda")
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):  # warm-up outside capture
+        for _ in range(2):
+            x.grad = None
+            fastdropout.dropout(x, 0.5).backward(static_grad)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    x.grad = None
+    with torch.cuda.graph(graph):
+        y = fastdropout.dropout(x, 0.5)
+        y.backward(static_grad)
+    outs, grads = [], []
+    for _ in range(3):
+        graph.replay()
+        torch.cuda.synchronize()
+        outs.append(y.detach().clone())
+        grads.append(x.grad.detach().clone())
+    for out, grad in zip(outs, grads):
+        assert torch.equal(out, grad)  # x = 1 and grad = 1: both are mask * 2
+        assert_binomial(int((out != 0).sum()), out.numel(), 0.5, "kept per replay")
+    assert not torch.equal(outs[0], outs[1]) and not torch.equal(outs[1], outs[2])
+
+
+def test_make_graphed_callables():
+    layer = fastdropout.Dropout(0.5).cuda()
+    x = torch.ones(1 << 12, device="cuda", requires_grad=True)
+    graphed = torch.cuda.make_graphed_callables(layer, (x,))
+    seen = []
+    for _ in range(2):
+        x.grad = None
+        out = graphed(x)
+        out.backward(torch.ones_like(out))
+        assert torch.equal(x.grad, out.detach())  # each replay's backward uses its own mask
+        seen.append(out.detach().clone())
+    assert not torch.equal(seen[0], seen[1])
+
+
+def test_more_than_2_pow_31_elements():
+    n = 2**31 + 7
+    x = torch.ones(n, dtype=torch.bfloat16, device="cuda")
+    y = fastdropout.dropout(x, 0.25, seed=11, offset=2)
+    for start in (0, n - 4096):
+        want = torch.from_numpy(reference.keep_mask(4096, 0.25, 11, 2, start=start))
+        got = y[start:start + 4096].cpu()
+        assert torch.equal(got != 0, want)
+        assert (got[want] == torch.tensor(1 / 0.75, dtype=torch.float32).to(torch.bfloat16)).all()
+    del x, y
+    torch.cuda.empty_cache()
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("shape", [(64, 4096), (3, 5, 24), (7, 13), (33, 8)])
+def test_fused_cpu_and_cuda_agree(dtype, shape):
+    x, b, r = (torch.randn(shape).to(dtype), torch.randn(shape[-1]).to(dtype), torch.randn(shape).to(dtype))
+    g = torch.randn(shape).to(dtype)
+    outs, gx, gb = [], [], []
+    for dev in ("cpu", "cuda"):
+        xs = [t.to(dev).requires_grad_() for t in (x, b, r)]
+        out = fastdropout.bias_dropout_add(*xs, 0.1, seed=6)
+        out.backward(g.to(dev))
+        outs.append(out.detach().cpu())
+        gx.append(xs[0].grad.cpu())
+        gb.append(xs[1].grad.cpu())
+    assert bits_equal(outs[0], outs[1]) and bits_equal(gx[0], gx[1])
+    tol = {torch.float64: 1e-12, torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 2e-2}[dtype]
+    torch.testing.assert_close(gb[0], gb[1], rtol=tol, atol=tol)  # float32 summation order differs
+
+
+def test_fused_bias_grad_deterministic_on_cuda():
+    x = torch.randn(4096, 1024, device="cuda", requires_grad=True)
+    b = torch.randn(1024, device="cuda", requires_grad=True)
+    g = torch.randn(4096, 1024, device="cuda")
+    grads = []
+    for _ in range(3):
+        b.grad = None
+        fastdropout.bias_dropout_add(x, b, x.detach(), 0.1, seed=3).backward(g)
+        grads.append(b.grad.clone())
+    assert bits_equal(grads[0], grads[1]) and bits_equal(grads[0], grads[2])
+
+
+@pytest.mark.parametrize("fn,shape", [(fastdropout.dropout1d, (4, 6, 10)), (fastdropout.dropout2d, (3, 5, 7, 9)),
+                                      (fastdropout.dropout3d, (2, 4, 3, 5, 6))])
+def test_channel_dropout_cpu_and_cuda_agree(fn, shape):
+    x = torch.randn(shape)
+    assert bits_equal(fn(x, 0.4, seed=3), fn(x.cuda(), 0.4, seed=3))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_autocast(dtype):
+    lin = torch.nn.Linear(64, 64).cuda()
+    x = torch.randn(8, 64, device="cuda", requires_grad=True)
+    with torch.autocast("cuda", dtype=dtype):
+        y = fastdropout.dropout(lin(x), 0.2)
+        assert y.dtype == dtype
+    y.float().sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+
+
+def test_memory_returns_to_start_and_nothing_but_16_bytes_saved():
+    torch.cuda.synchronize()
+    start = torch.cuda.memory_allocated()
+    x = torch.randn(1 << 20, device="cuda", requires_grad=True)
+    y = fastdropout.dropout(x * 1, 0.5)
+    y.sum().backward()
+    del x, y
+    torch.cuda.synchronize()
+    assert torch.cuda.memory_allocated() == start
+
+
+def test_streams_draw_distinct_masks():
+    x = torch.ones(1 << 16, device="cuda")
+    streams = [torch.cuda.Stream() for _ in range(4)]
+    outs = []
+    for s in streams:
+        with torch.cuda.stream(s):
+            outs.append(fastdropout.dropout(x, 0.5))
+    torch.cuda.synchronize()
+    for i in range(4):
+        for j in range(i + 1, 4):
+            assert_binomial(int((outs[i] == outs[j]).sum()), x.numel(), 0.5, "agreement across streams")
+
+
+def test_compile_on_cuda_matches_eager():
+    torch._dynamo.reset()
+    x = torch.ones(4096, device="cuda", requires_grad=True)
+
+    def f(t):
+        return fastdropout.dropout(t, 0.5) + 3 * fastdropout.dropout(t, 0.5)
+
+    compiled = torch.compile(f, fullgraph=True)
+    compiled(x)  # compile once
+    torch.cuda.manual_seed(2)
+    eager = f(x)
+    torch.cuda.manual_seed(2)
+    assert torch.equal(compiled(x), eager)
