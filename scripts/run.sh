@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# From a fresh clone, set everything up and run one job:
+#
+#   bash scripts/run.sh bench    # quick benchmark: the GPU if there is one, else the CPU
+#   bash scripts/run.sh test     # the whole test suite (CUDA tests skip without a GPU)
+#
+# Set-up: a virtual environment (FD_VENV, default .venv; FD_VENV=none uses the current Python),
+# torch installed into it if missing (FD_TORCH pins a version, e.g. 2.13.0 for the CPU build),
+# then `pip install --no-build-isolation -e .`, which builds the CUDA kernels whenever nvcc and
+# a CUDA build of torch are present (no GPU needed) and the CPU kernels always. Extra arguments
+# go to the job (pytest or the benchmark).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+job="${1:-test}"
+shift || true
+venv="${FD_VENV:-.venv}"
+
+if [ "$venv" = "none" ]; then
+  py="${PYTHON:-python3}"
+else
+  if [ ! -x "$venv/bin/python" ]; then
+    echo "== creating $venv"
+    "${PYTHON:-python3}" -m venv "$venv"
+  fi
+  py="$venv/bin/python"
+fi
+
+pip_install() { "$py" -m pip install --disable-pip-version-check -q "$@"; }
+
+if ! "$py" -c "import torch" 2>/dev/null; then
+  echo "== installing torch${FD_TORCH:+==$FD_TORCH}"
+  pip_install "torch${FD_TORCH:+==$FD_TORCH}"
+fi
+have() { "$py" -c "import $1" 2>/dev/null; }
+missing=()
+for mod in numpy pytest hypothesis expecttest ninja; do have "$mod" || missing+=("$mod"); done
+have setuptools || missing+=("setuptools>=64")
+have wheel || missing+=("wheel")
+if [ "${#missing[@]}" -gt 0 ]; then
+  echo "== installing ${missing[*]}"
+  pip_install "${missing[@]}"
+fi
+
+echo "== building fastdropout ($("$py" -c 'import torch; print("torch", torch.__version__)'))"
+export MAX_JOBS="${MAX_JOBS:-$(nproc 2>/dev/null || echo 2)}"
+"$py" -m pip install --disable-pip-version-check --no-build-isolation -q -e . 
+"$py" -c "import fastdropout as f; print('fastdropout', f.__version__, '| CUDA kernels built:', f.cuda_kernels_built())"
+
+case "$job" in
+  test)  exec "$py" -m pytest tests -q -p no:cacheprovider "$@" ;;
+  bench) exec "$py" -m fastdropout.bench --quick "$@" ;;
+  *) echo "usage: bash scripts/run.sh [test|bench] [args...]" >&2; exit 2 ;;
+esac
