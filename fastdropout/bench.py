@@ -272,6 +272,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--min-log2", type=int, default=12)
     ap.add_argument("--max-log2", type=int, default=None, help="default 28 on CUDA, 24 on the CPU")
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows")
+    ap.add_argument("--compile-every-size", action="store_true",
+                    help="time torch.compile at every size, not only the largest")
     ap.add_argument("--no-fused", action="store_true", help="skip the bias_dropout_add rows")
     ap.add_argument("--json", default=None, help="write all rows and the environment here")
     ap.add_argument("--plot", default=None, help="write a PNG chart here (needs matplotlib)")
@@ -307,8 +309,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     rows: List[Row] = []
     for dt in dtypes:
         for s in sizes:
-            # torch.compile is timed at the largest size only in quick mode (each size recompiles)
-            with_compile = not args.no_compile and (not args.quick or s == sizes[-1])
+            # torch.compile is timed at the largest size only (each size is a fresh compilation)
+            # unless --compile-every-size.
+            with_compile = not args.no_compile and (args.compile_every_size or s == sizes[-1])
             bench_dropout(device, dt, 1 << s, args.p, timer, with_compile, rows, log)
     if not args.no_fused:
         rows_, cols = (65536, 4096) if device == "cuda" else (4096, 4096)

@@ -21,3 +21,19 @@ def bits_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
     view = {torch.float32: torch.int32, torch.float64: torch.int64,
             torch.float16: torch.int16, torch.bfloat16: torch.int16}[a.dtype]
     return torch.equal(a.detach().cpu().contiguous().view(view), b.detach().cpu().contiguous().view(view))
+
+
+# Hypothesis profiles: "ci" (default) keeps the fuzz tests to a couple of minutes on 2 cores;
+# "nightly" runs many more examples: HYPOTHESIS_PROFILE=nightly pytest tests/test_fuzz.py
+try:
+    import os
+
+    from hypothesis import HealthCheck, settings
+
+    settings.register_profile("ci", max_examples=120, deadline=None, derandomize=True,
+                              suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+    settings.register_profile("nightly", max_examples=3000, deadline=None,
+                              suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+    settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+except ImportError:  # hypothesis is a test dependency; test_fuzz.py skips without it
+    pass
