@@ -99,7 +99,8 @@ def extensions():
     if sys.platform.startswith("linux"):
         cxx_flags.append("-fopenmp")
         link_flags.append("-fopenmp")
-    sources = ["csrc/ops.cpp", "csrc/autograd.cpp", "csrc/cpu/dropout_cpu.cpp"]
+    sources = ["csrc/ops.cpp", "csrc/autograd.cpp", "csrc/cpu/dropout_cpu.cpp",
+               "csrc/cpu/keep_avx2.cpp"]  # empty unless x86-64
     if not WITH_CUDA:
         return [CppExtension("fastdropout._C", sources, extra_compile_args={"cxx": cxx_flags},
                              extra_link_args=link_flags)]

@@ -10,6 +10,7 @@
 #include "philox.h"
 
 namespace fastdropout {
+inline namespace FD_ISA_NAMESPACE {
 
 // One Philox4x32-10 call yields 128 bits: 16 for each of 8 consecutive logical elements.
 constexpr int kElementsPerPhilox = 8;
@@ -29,21 +30,33 @@ inline acc_t keep_scale(double p) {
 }
 
 // Keep bits of the 8 elements of group g (logical indices 8g .. 8g+7): bit j set iff kept.
-FD_HOST_DEVICE uint32_t keep_bits8(uint64_t seed, uint64_t offset, uint64_t group,
-                                   uint32_t threshold) {
-  const Philox4x32 r = philox4x32_10(
-      static_cast<uint32_t>(offset), static_cast<uint32_t>(offset >> 32),
-      static_cast<uint32_t>(group), static_cast<uint32_t>(group >> 32),
-      static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32));
-  uint32_t bits = 0;
+// Written over the lane type of philox4x32_10: with uint32_t lanes it is one group (every
+// kernel); with SIMD lanes, one group per lane (the CPU's batched path), the same arithmetic.
+// u >= t is spelled as a carry-free subtraction so that it means the same for scalars and for
+// vector lanes: both u and t are below 2^17, so (u - t) >> 31 is 1 exactly when u < t.
+template <typename Lane>
+FD_HOST_DEVICE Lane keep_bits8_lanes(Lane group_lo, Lane group_hi, uint64_t seed,
+                                     uint64_t offset, uint32_t threshold) {
+  const Philox4x32<Lane> r = philox4x32_10<Lane>(
+      Lane{} + static_cast<uint32_t>(offset), Lane{} + static_cast<uint32_t>(offset >> 32),
+      group_lo, group_hi,
+      Lane{} + static_cast<uint32_t>(seed), Lane{} + static_cast<uint32_t>(seed >> 32));
+  Lane bits = Lane{};
 #if defined(__CUDA_ARCH__)
 #pragma unroll
 #endif
   for (int j = 0; j < kElementsPerPhilox; ++j) {
-    const uint32_t u = (r.w[j >> 1] >> (16 * (j & 1))) & 0xFFFFu;
-    bits |= static_cast<uint32_t>(u >= threshold) << j;
+    const Lane u = (r.w[j >> 1] >> (16 * (j & 1))) & 0xFFFFu;
+    const Lane kept = ((u - threshold) >> 31) ^ 1u;  // 1 iff u >= threshold
+    bits |= kept << j;
   }
   return bits;
+}
+
+FD_HOST_DEVICE uint32_t keep_bits8(uint64_t seed, uint64_t offset, uint64_t group,
+                                   uint32_t threshold) {
+  return keep_bits8_lanes<uint32_t>(static_cast<uint32_t>(group),
+                                    static_cast<uint32_t>(group >> 32), seed, offset, threshold);
 }
 
 // Keep bit of one logical element (the scalar tails and the channel kernels).
@@ -116,4 +129,5 @@ struct RngPair {
   uint64_t offset;
 };
 
+}  // namespace FD_ISA_NAMESPACE
 }  // namespace fastdropout

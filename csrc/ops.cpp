@@ -216,7 +216,7 @@ std::tuple<Tensor, Tensor> bias_dropout_add_backward_op(const Tensor& grad,
 std::vector<int64_t> philox_op(at::IntArrayRef counter, at::IntArrayRef key) {
   TORCH_CHECK(counter.size() == 4 && key.size() == 2,
               "fastdropout: _philox4x32_10 takes 4 counter words and 2 key words");
-  const Philox4x32 r = philox4x32_10(
+  const Philox4x32<uint32_t> r = philox4x32_10<uint32_t>(
       static_cast<uint32_t>(counter[0]), static_cast<uint32_t>(counter[1]),
       static_cast<uint32_t>(counter[2]), static_cast<uint32_t>(counter[3]),
       static_cast<uint32_t>(key[0]), static_cast<uint32_t>(key[1]));

@@ -178,7 +178,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", default=None, help="directory with the MNIST IDX files")
     ap.add_argument("--limit", type=int, default=10000, help="examples per split taken from MNIST")
-    ap.add_argument("--epochs", type=int, default=12)
+    ap.add_argument("--epochs", type=int, default=8)
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--lr", type=float, default=1.0)
     ap.add_argument("--seed", type=int, default=1)

@@ -127,3 +127,27 @@ def test_mask_of_a_prefix_is_the_prefix_of_the_mask():
     long = fastdropout.dropout_mask(5000, 0.4, seed=8)
     for n in (1, 13, 4096, 4999):
         assert torch.equal(fastdropout.dropout_mask(n, 0.4, seed=8), long[:n])
+
+
+def test_cpu_simd_and_scalar_paths_draw_the_same_masks():
+    """On x86-64 the CPU draws eight groups at a time with AVX2 when the CPU has it; the
+    baseline loop (forced by FASTDROPOUT_DISABLE_AVX2=1, in a subprocess) must agree."""
+    import os
+    import subprocess
+    import sys
+    code = ("import torch, fastdropout, sys; "
+            "m = [fastdropout.dropout_mask(n, p, seed=s, offset=o) for n, p, s, o in "
+            "[(1000, 0.1, 1, 2), (4099, 0.5, 2**64 - 1, 2**40), (77, 0.9, 5, 0)]]; "
+            "torch.save(m, sys.argv[1])")
+    path = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"fd_masks_{os.getpid()}.pt")
+    try:
+        subprocess.run([sys.executable, "-c", code, path], check=True,
+                       env={**os.environ, "FASTDROPOUT_DISABLE_AVX2": "1"})
+        baseline = torch.load(path)
+    finally:
+        if os.path.exists(path):
+            os.remove(path)
+    here = [fastdropout.dropout_mask(n, p, seed=s, offset=o) for n, p, s, o in
+            [(1000, 0.1, 1, 2), (4099, 0.5, 2**64 - 1, 2**40), (77, 0.9, 5, 0)]]
+    for a, b in zip(here, baseline):
+        assert torch.equal(a, b)

@@ -8,17 +8,26 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <mutex>
 #include <vector>
 
 #include "../fastdropout.h"
 
 namespace fastdropout {
+
+#if defined(__x86_64__) && defined(__GNUC__)
+// csrc/cpu/keep_avx2.cpp: eight groups per call, AVX2.
+void keep_bytes_avx2(uint8_t* keep, uint64_t seed, uint64_t offset, int64_t group, int64_t count,
+                     uint32_t threshold);
+
+#endif
+
 namespace {
 
 // Philox calls are made in batches of this many groups (8 elements each) into a small array of
-// keep bytes, so that the loop over groups vectorises (pmuludq) and the loop over elements
-// becomes a plain select-and-multiply.
+// keep bytes (eight groups at a time with AVX2), so that the loop over elements becomes a plain
+// select-and-multiply that vectorises.
 constexpr int64_t kBatchGroups = 64;
 constexpr int64_t kBatchElements = kBatchGroups * kElementsPerPhilox;
 // Elements per parallel task: large enough to amortise the thread hand-off.
@@ -26,14 +35,27 @@ constexpr int64_t kGrainElements = 1 << 15;
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-// Keep bytes of mask indices [group * 8, group * 8 + count * 8). Built twice, for AVX2 (four
-// 32x32->64-bit products per instruction) and for baseline x86-64 (two), picked at load time.
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-__attribute__((target_clones("avx2", "default")))
+#if defined(__x86_64__) && defined(__GNUC__)
+// CPUID says AVX2, and FASTDROPOUT_DISABLE_AVX2 is unset (the tests use it to check that both
+// paths draw the same masks).
+bool use_avx2() {
+  static const bool enabled = __builtin_cpu_supports("avx2") &&
+                              std::getenv("FASTDROPOUT_DISABLE_AVX2") == nullptr;
+  return enabled;
+}
 #endif
+
+// Keep bytes of mask indices [group * 8, group * 8 + count * 8).
 void fill_keep_bytes(uint8_t* keep, RngPair rng, int64_t group, int64_t count,
                      uint32_t threshold) {
-  for (int64_t k = 0; k < count; ++k) {
+  int64_t k = 0;
+#if defined(__x86_64__) && defined(__GNUC__)
+  if (use_avx2()) {
+    k = count & ~int64_t{7};
+    keep_bytes_avx2(keep, rng.seed, rng.offset, group, k, threshold);
+  }
+#endif
+  for (; k < count; ++k) {
     const uint32_t bits = keep_bits8(rng.seed, rng.offset, static_cast<uint64_t>(group + k),
                                      threshold);
     for (int j = 0; j < kElementsPerPhilox; ++j) {
