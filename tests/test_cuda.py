@@ -227,3 +227,30 @@ def test_compile_on_cuda_matches_eager():
     eager = f(x)
     torch.cuda.manual_seed(2)
     assert torch.equal(compiled(x), eager)
+
+
+def test_fused_cuda_graph_replay_draws_fresh_masks():
+    x = torch.ones(64, 256, device="cuda", requires_grad=True)
+    b = torch.zeros(256, device="cuda", requires_grad=True)
+    r = torch.zeros(64, 256, device="cuda")
+    g = torch.ones(64, 256, device="cuda")
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):
+            x.grad = b.grad = None
+            fastdropout.bias_dropout_add(x, b, r, 0.5).backward(g)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    x.grad = b.grad = None
+    with torch.cuda.graph(graph):
+        out = fastdropout.bias_dropout_add(x, b, r, 0.5)
+        out.backward(g)
+    seen = []
+    for _ in range(2):
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(x.grad, out.detach())  # grad_x = mask * 2 = out when x = 1, r = 0
+        torch.testing.assert_close(b.grad, out.detach().sum(0))
+        seen.append(out.detach().clone())
+    assert not torch.equal(seen[0], seen[1])
