@@ -80,7 +80,7 @@ def main():
     ap.add_argument("--batch", type=int, default=None)
     ap.add_argument("--seq", type=int, default=None)
     ap.add_argument("--vocab", type=int, default=512)
-    ap.add_argument("--lr", type=float, default=3e-4)
+    ap.add_argument("--lr", type=float, default=None, help="default 3e-4 on CUDA, 1e-3 on the CPU")
     ap.add_argument("--dropout", type=float, default=0.1)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--plot", default="transformer_dropout.png")
@@ -89,10 +89,12 @@ def main():
     if device == "cuda":
         cfg = dict(n_layer=12, n_head=12, n_embd=768, n_positions=1024)
         args.steps, args.batch, args.seq = args.steps or 200, args.batch or 16, args.seq or 1024
+        args.lr = args.lr or 3e-4
         dtype = torch.bfloat16
     else:
         cfg = dict(n_layer=2, n_head=4, n_embd=128, n_positions=128)
         args.steps, args.batch, args.seq = args.steps or 60, args.batch or 8, args.seq or 64
+        args.lr = args.lr or 1e-3
         dtype = torch.float32
     cfg.update(vocab_size=args.vocab, resid_pdrop=args.dropout, embd_pdrop=args.dropout, attn_pdrop=args.dropout)
     print(f"GPT-2 config {cfg}, batch {args.batch} x {args.seq} tokens, {args.steps} steps, {device} "
