@@ -96,7 +96,8 @@ def main():
         args.steps, args.batch, args.seq = args.steps or 60, args.batch or 8, args.seq or 64
         args.lr = args.lr or 1e-3
         dtype = torch.float32
-    cfg.update(vocab_size=args.vocab, resid_pdrop=args.dropout, embd_pdrop=args.dropout, attn_pdrop=args.dropout)
+    cfg.update(vocab_size=args.vocab, bos_token_id=0, eos_token_id=0,
+               resid_pdrop=args.dropout, embd_pdrop=args.dropout, attn_pdrop=args.dropout)
     print(f"GPT-2 config {cfg}, batch {args.batch} x {args.seq} tokens, {args.steps} steps, {device} "
           f"{torch.cuda.get_device_name() if device == 'cuda' else ''}, torch {torch.__version__}, {dtype}")
 
@@ -113,8 +114,9 @@ def main():
     print("\nresult (median step after 5 warm-up steps):")
     for label, r in results.items():
         tail = r["losses"][-max(1, args.steps // 5):]
+        peak = f"{r['peak_mib']:8.0f} MiB" if device == "cuda" else "     n/a"
         print(f"  {label:<12} step {r['step_ms']:8.1f} ms   {r['tokens_per_s']:10.0f} tokens/s   "
-              f"peak {r['peak_mib']:8.0f} MiB   mean loss of last {len(tail)} steps {statistics.mean(tail):.4f}")
+              f"peak {peak}   mean loss of last {len(tail)} steps {statistics.mean(tail):.4f}")
     a, b = results["nn.Dropout"], results["fastdropout"]
     print(f"  fastdropout / nn.Dropout: step time x{b['step_ms'] / a['step_ms']:.3f}, "
           f"peak memory x{b['peak_mib'] / a['peak_mib']:.3f}" if device == "cuda" else
