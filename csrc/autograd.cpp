@@ -36,6 +36,14 @@ Tensor call_dropout_backward(const Tensor& grad, const Tensor& rng_state, double
   return op.call(grad, rng_state, p, channel_numel);
 }
 
+// The backward of every pass here: the same mask, replayed from the saved state, over `grad`.
+Tensor replay_mask(AutogradContext* ctx, const Tensor& grad) {
+  if (!grad.defined()) return Tensor();
+  return call_dropout_backward(grad, ctx->get_saved_variables()[0],
+                               ctx->saved_data["p"].toDouble(),
+                               ctx->saved_data["channel_numel"].toInt());
+}
+
 class DropoutFunction : public torch::autograd::Function<DropoutFunction> {
  public:
   static variable_list forward(AutogradContext* ctx, const Tensor& x, double p,
@@ -52,13 +60,7 @@ class DropoutFunction : public torch::autograd::Function<DropoutFunction> {
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    const Tensor rng_state = ctx->get_saved_variables()[0];
-    Tensor grad_x;
-    if (grads[0].defined()) {
-      grad_x = call_dropout_backward(grads[0], rng_state, ctx->saved_data["p"].toDouble(),
-                                     ctx->saved_data["channel_numel"].toInt());
-    }
-    return {grad_x, Tensor(), Tensor(), Tensor(), Tensor(), Tensor()};
+    return {replay_mask(ctx, grads[0]), Tensor(), Tensor(), Tensor(), Tensor(), Tensor()};
   }
 };
 
@@ -75,13 +77,7 @@ class DropoutBackwardFunction : public torch::autograd::Function<DropoutBackward
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    const Tensor rng_state = ctx->get_saved_variables()[0];
-    Tensor grad_grad;
-    if (grads[0].defined()) {
-      grad_grad = call_dropout_backward(grads[0], rng_state, ctx->saved_data["p"].toDouble(),
-                                        ctx->saved_data["channel_numel"].toInt());
-    }
-    return {grad_grad, Tensor(), Tensor(), Tensor()};
+    return {replay_mask(ctx, grads[0]), Tensor(), Tensor(), Tensor()};
   }
 };
 
@@ -139,6 +135,7 @@ class BiasDropoutAddBackwardFunction
     auto [grad_x, grad_bias] = op.call(grad, rng_state, p);
     ctx->save_for_backward({rng_state});
     ctx->saved_data["p"] = p;
+    ctx->saved_data["channel_numel"] = int64_t{1};
     ctx->saved_data["sizes"] = grad.sizes().vec();
     return {grad_x, grad_bias};
   }
@@ -146,20 +143,15 @@ class BiasDropoutAddBackwardFunction
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     // grad_x and grad_bias are both keep * scale * grad (the latter summed over rows), so
     // d/d(grad) of <gg_x, grad_x> + <gg_bias, grad_bias> = keep * scale * (gg_x + gg_bias).
-    const Tensor rng_state = ctx->get_saved_variables()[0];
-    const auto sizes = ctx->saved_data["sizes"].toIntVector();
     Tensor total;
     if (grads[0].defined() && grads[1].defined()) {
       total = grads[0] + grads[1];
     } else if (grads[0].defined()) {
       total = grads[0];
     } else if (grads[1].defined()) {
-      total = grads[1].expand(sizes);
-    } else {
-      return {Tensor(), Tensor(), Tensor()};
+      total = grads[1].expand(ctx->saved_data["sizes"].toIntVector());
     }
-    return {call_dropout_backward(total, rng_state, ctx->saved_data["p"].toDouble(), 1),
-            Tensor(), Tensor()};
+    return {replay_mask(ctx, total), Tensor(), Tensor()};
   }
 };
 

@@ -73,30 +73,26 @@ using acc_type_t = std::conditional_t<std::is_same<scalar_t, double>::value, dou
 // Sums and products rounded on their own: nvcc would otherwise contract a product and a
 // following sum into one FMA (one rounding instead of two), and the CUDA results would stop
 // matching the CPU ones bit for bit. The CPU side is compiled with -ffp-contract=off.
-FD_HOST_DEVICE float mul_rn(float a, float b) {
+template <typename T>
+FD_HOST_DEVICE T mul_rn(T a, T b) {
 #if defined(__CUDA_ARCH__)
-  return __fmul_rn(a, b);
+  if constexpr (std::is_same<T, float>::value) {
+    return __fmul_rn(a, b);
+  } else {
+    return __dmul_rn(a, b);
+  }
 #else
   return a * b;
 #endif
 }
-FD_HOST_DEVICE double mul_rn(double a, double b) {
+template <typename T>
+FD_HOST_DEVICE T add_rn(T a, T b) {
 #if defined(__CUDA_ARCH__)
-  return __dmul_rn(a, b);
-#else
-  return a * b;
-#endif
-}
-FD_HOST_DEVICE float add_rn(float a, float b) {
-#if defined(__CUDA_ARCH__)
-  return __fadd_rn(a, b);
-#else
-  return a + b;
-#endif
-}
-FD_HOST_DEVICE double add_rn(double a, double b) {
-#if defined(__CUDA_ARCH__)
-  return __dadd_rn(a, b);
+  if constexpr (std::is_same<T, float>::value) {
+    return __fadd_rn(a, b);
+  } else {
+    return __dadd_rn(a, b);
+  }
 #else
   return a + b;
 #endif

@@ -70,21 +70,27 @@ def _grad_like(x):
     return torch.randn(x.shape, generator=g).to(x.dtype).to(x.device)
 
 
-@given(x=tensors(), p=PROBS, seed=U64, offset=U64)
-def test_dropout_forward_and_backward(x, p, seed, offset):
+CHANNEL = "channel"
+
+
+@pytest.mark.parametrize("kind", ["plain", CHANNEL])
+@given(data=st.data(), p=PROBS, seed=U64, offset=U64)
+def test_dropout_forward_and_backward(kind, data, p, seed, offset):
+    """dropout (any shape) and channel dropout (2 dims or more) against the reference."""
+    fn, ref = ((fastdropout.feature_dropout, reference.channel_dropout) if kind == CHANNEL
+               else (fastdropout.dropout, reference.dropout))
+    x = data.draw(tensors(min_dims=2 if kind == CHANNEL else 0))
     xv = x.detach().requires_grad_()
-    y = fastdropout.dropout(xv, p, seed=seed, offset=offset)
+    y = fn(xv, p, seed=seed, offset=offset)
     if p == 0.0 or x.numel() == 0:
         assert y is xv
         return
-    assert bits_equal(y, reference.dropout(x.contiguous(), p, seed, offset))
+    assert bits_equal(y, ref(x.contiguous(), p, seed, offset))
     assert y.stride() == torch.empty_like(x).stride()
     g = _grad_like(x)
     y.backward(g)
-    want = reference.dropout(g, p, seed, offset)
-    if x.stride() and 0 in x.stride():
-        return  # an expanded leaf's gradient is still per element of the view: checked above
-    assert bits_equal(xv.grad, want)
+    if 0 not in x.stride():  # an expanded leaf's gradient sums over the view: checked above
+        assert bits_equal(xv.grad, ref(g, p, seed, offset))
 
 
 @given(shape=shapes(), p=PROBS, seed=U64, offset=U64, device=st.sampled_from(devices()))
@@ -92,20 +98,6 @@ def test_dropout_mask(shape, p, seed, offset, device):
     got = fastdropout.dropout_mask(shape, p, seed=seed, offset=offset, device=device)
     want = torch.from_numpy(reference.keep_mask(math.prod(shape), p, seed, offset)).view(shape)
     assert torch.equal(got.cpu(), want)
-
-
-@given(x=tensors(min_dims=2), p=PROBS, seed=U64, offset=U64)
-def test_channel_dropout(x, p, seed, offset):
-    xv = x.detach().requires_grad_()
-    y = fastdropout.feature_dropout(xv, p, seed=seed, offset=offset)
-    if p == 0.0 or x.numel() == 0:
-        assert y is xv
-        return
-    assert bits_equal(y, reference.channel_dropout(x.contiguous(), p, seed, offset))
-    g = _grad_like(x)
-    y.backward(g)
-    if 0 not in x.stride():
-        assert bits_equal(xv.grad, reference.channel_dropout(g, p, seed, offset))
 
 
 @given(x=tensors(min_dims=1), p=PROBS, seed=U64, offset=U64, with_bias=st.booleans(),
