@@ -81,8 +81,8 @@ void run_pass(const DropoutPass& pass) {
   dropout_pass_cpu(pass);
 }
 
-// Runs `pass` from `input` into a fresh tensor laid out as at::empty_like(layout_of) (PyTorch's
-// dropout output layout), computing on contiguous buffers.
+// One pass from `input` into a fresh tensor laid out as at::empty_like(input) (PyTorch's
+// dropout output layout), computed on contiguous buffers.
 Tensor run_pass_out_of_place(const Tensor& input, const Tensor& rng_state,
                              const RngRequest* request, double p, int64_t channel_numel) {
   const Tensor in = input.contiguous();
