@@ -139,7 +139,7 @@ def dropout(x: torch.Tensor, p: float = 0.5, training: bool = True, inplace: boo
         >>> import torch, fastdropout
         >>> x = torch.ones(8)
         >>> fastdropout.dropout(x, p=0.5, seed=0)
-        tensor([0., 2., 0., 0., 2., 2., 0., 2.])
+        tensor([2., 0., 2., 2., 2., 2., 2., 2.])
     """
     p = _check_p(p)
     _check_tensor(x, "x")
@@ -217,8 +217,8 @@ def dropout_mask(shape: Union[int, Sequence[int], torch.Size], p: float, seed: i
     Example::
 
         >>> fastdropout.dropout_mask((2, 4), p=0.5, seed=0)
-        tensor([[False,  True, False, False],
-                [ True,  True, False,  True]])
+        tensor([[ True, False,  True,  True],
+                [ True,  True,  True,  True]])
     """
     p = _check_p(p)
     shape = (shape,) if isinstance(shape, numbers.Integral) else tuple(shape)
