@@ -52,7 +52,7 @@ def battery(log2_bits: int, seed: int = 20261128):
             z = z_binomial(agree, len(groups), 0.5)
             if abs(z) > abs(worst):
                 worst, where = z, f"lanes {a},{b}"
-    check("lane pairs within a Philox call (28 pairs, largest |z|)", worst, where)
+    check("lane pairs within a Philox call (28 pairs, largest abs(z))", worst, where)
     worst, where = 0.0, ""
     for lane in range(8):
         col = groups[:, lane]
@@ -62,7 +62,7 @@ def battery(log2_bits: int, seed: int = 20261128):
         z = z_binomial(int(np.count_nonzero(col)), len(col), 0.5)
         if abs(z) > abs(worst):
             worst, where = z, f"lane {lane} keep rate"
-    check("same lane of consecutive groups, and per-lane keep rate (16 checks, largest |z|)", worst, where)
+    check("same lane of consecutive groups, and per-lane keep rate (16 checks, largest abs(z))", worst, where)
     agree = int(np.count_nonzero(groups[:-1, 7] == groups[1:, 0]))
     check("lane 7 with the next group's lane 0", z_binomial(agree, len(groups) - 1, 0.5), "")
     del bits, groups
@@ -81,7 +81,7 @@ def battery(log2_bits: int, seed: int = 20261128):
         counts += fastdropout.dropout_mask(positions, 0.1, seed=s * 0x9E3779B97F4A7C15 % 2**64).numpy()
     zs = (counts - seeds * q) / math.sqrt(seeds * q * (1 - q))
     # the largest of 4096 |z|: compare with the Bonferroni-free 5-sigma bound per position
-    check(f"per-position keep frequency over {seeds} seeds (4096 positions, largest |z|)",
+    check(f"per-position keep frequency over {seeds} seeds (4096 positions, largest abs(z))",
           float(zs[np.argmax(np.abs(zs))]), f"position {int(np.argmax(np.abs(zs)))}")
     chi2 = float((zs ** 2).sum())
     # chi-square with 4096 dof ~ N(4096, 2 * 4096)
