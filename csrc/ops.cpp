@@ -6,6 +6,9 @@
 #include <torch/library.h>
 
 #include <cmath>
+#include <cstddef>
+#include <type_traits>
+#include <utility>
 
 #if defined(__linux__)
 #include <sys/mman.h>
@@ -73,24 +76,48 @@ Tensor new_rng_state(const Tensor& like) {
   return at::empty({2}, like.options().dtype(at::kLong));
 }
 
-void run_pass(const DropoutPass& pass) {
+// Calls the CPU or the CUDA kernel of an operator, by the device of `t`. Without the CUDA
+// kernels `cuda` is nullptr and a CUDA tensor gets an error, not a crash.
 #ifdef FASTDROPOUT_WITH_CUDA
-  if (pass.input->is_cuda()) return dropout_pass_cuda(pass);
+#define FD_CUDA_KERNEL(name) name
+#else
+#define FD_CUDA_KERNEL(name) nullptr
 #endif
-  TORCH_CHECK(pass.input->is_cpu(), "fastdropout was built without CUDA kernels");
-  dropout_pass_cpu(pass);
+template <typename CpuKernel, typename CudaKernel, typename... Args>
+void on_device(const Tensor& t, CpuKernel cpu, CudaKernel cuda, Args&&... args) {
+  if constexpr (!std::is_same_v<CudaKernel, std::nullptr_t>) {
+    if (t.is_cuda()) return cuda(std::forward<Args>(args)...);
+  }
+  TORCH_CHECK(t.is_cpu(), "fastdropout was built without CUDA kernels");
+  cpu(std::forward<Args>(args)...);
 }
 
-// One pass from `input` into a fresh tensor laid out as at::empty_like(input) (PyTorch's
-// dropout output layout), computed on contiguous buffers.
+// A fresh output laid out as at::empty_like(like) (PyTorch's dropout output layout) and the
+// contiguous buffer the kernels write: the output itself when it is contiguous, else a
+// scratch tensor copied into it by finish().
+struct OutputBuffer {
+  Tensor out;
+  Tensor work;
+  OutputBuffer(const Tensor& like, const Tensor& contiguous_like)
+      : out(new_output_like(like)),
+        work(out.is_contiguous() ? out : new_output_like(contiguous_like)) {}
+  Tensor finish() {
+    if (!work.is_same(out)) out.copy_(work);
+    return out;
+  }
+};
+
+void run_pass(const DropoutPass& pass) {
+  on_device(*pass.input, dropout_pass_cpu, FD_CUDA_KERNEL(dropout_pass_cuda), pass);
+}
+
+// One pass from `input` into a fresh output, computed on contiguous buffers.
 Tensor run_pass_out_of_place(const Tensor& input, const Tensor& rng_state,
                              const RngRequest* request, double p, int64_t channel_numel) {
   const Tensor in = input.contiguous();
-  Tensor out = new_output_like(input);
-  Tensor work = out.is_contiguous() ? out : new_output_like(in);
-  run_pass(DropoutPass{&in, &work, &rng_state, request, p, channel_numel});
-  if (!work.is_same(out)) out.copy_(work);
-  return out;
+  OutputBuffer output(input, in);
+  run_pass(DropoutPass{&in, &output.work, &rng_state, request, p, channel_numel});
+  return output.finish();
 }
 
 std::tuple<Tensor, Tensor> dropout_op(const Tensor& x, double p, std::optional<int64_t> seed,
@@ -134,14 +161,7 @@ Tensor dropout_mask_op(const Tensor& rng_state, int64_t numel, double p) {
   TORCH_CHECK(numel >= 0, "fastdropout: numel must be >= 0, got ", numel);
   check_rng_state(rng_state, rng_state);
   Tensor mask = advise_huge_pages(at::empty({numel}, rng_state.options().dtype(at::kBool)));
-#ifdef FASTDROPOUT_WITH_CUDA
-  if (rng_state.is_cuda()) {
-    keep_mask_cuda(mask, rng_state, p);
-    return mask;
-  }
-#endif
-  TORCH_CHECK(rng_state.is_cpu(), "fastdropout was built without CUDA kernels");
-  keep_mask_cpu(mask, rng_state, p);
+  on_device(rng_state, keep_mask_cpu, FD_CUDA_KERNEL(keep_mask_cuda), mask, rng_state, p);
   return mask;
 }
 
@@ -173,22 +193,12 @@ std::tuple<Tensor, Tensor> bias_dropout_add_op(const Tensor& x, const std::optio
   const Tensor xc = x.contiguous();
   const Tensor rc = residual.contiguous();
   const Tensor bc = bias.has_value() ? bias->contiguous() : Tensor();
-  Tensor out = new_output_like(x);
-  Tensor work = out.is_contiguous() ? out : new_output_like(xc);
+  OutputBuffer output(x, xc);
   Tensor rng_state = new_rng_state(x);
   const RngRequest request{seed, offset, std::move(generator)};
-  const BiasDropoutAddForward args{&xc, &bc, &rc, &work, &rng_state, &request, p};
-#ifdef FASTDROPOUT_WITH_CUDA
-  if (x.is_cuda()) {
-    bias_dropout_add_forward_cuda(args);
-  } else
-#endif
-  {
-    TORCH_CHECK(x.is_cpu(), "fastdropout was built without CUDA kernels");
-    bias_dropout_add_forward_cpu(args);
-  }
-  if (!work.is_same(out)) out.copy_(work);
-  return {out, rng_state};
+  const BiasDropoutAddForward args{&xc, &bc, &rc, &output.work, &rng_state, &request, p};
+  on_device(x, bias_dropout_add_forward_cpu, FD_CUDA_KERNEL(bias_dropout_add_forward_cuda), args);
+  return {output.finish(), rng_state};
 }
 
 std::tuple<Tensor, Tensor> bias_dropout_add_backward_op(const Tensor& grad,
@@ -201,14 +211,8 @@ std::tuple<Tensor, Tensor> bias_dropout_add_backward_op(const Tensor& grad,
   Tensor grad_x = new_output_like(gc);
   Tensor grad_bias = at::empty({grad.size(-1)}, grad.options());
   const BiasDropoutAddBackward args{&gc, &rng_state, &grad_x, &grad_bias, p};
-#ifdef FASTDROPOUT_WITH_CUDA
-  if (grad.is_cuda()) {
-    bias_dropout_add_backward_cuda(args);
-    return {grad_x, grad_bias};
-  }
-#endif
-  TORCH_CHECK(grad.is_cpu(), "fastdropout was built without CUDA kernels");
-  bias_dropout_add_backward_cpu(args);
+  on_device(grad, bias_dropout_add_backward_cpu, FD_CUDA_KERNEL(bias_dropout_add_backward_cuda),
+            args);
   return {grad_x, grad_bias};
 }
 
