@@ -99,8 +99,10 @@ def extensions():
     if sys.platform.startswith("linux"):
         cxx_flags.append("-fopenmp")
         link_flags.append("-fopenmp")
-    sources = ["csrc/ops.cpp", "csrc/autograd.cpp", "csrc/cpu/dropout_cpu.cpp",
-               "csrc/cpu/keep_avx2.cpp"]  # empty unless x86-64
+    # Every C++ source under csrc/ (keep_avx2.cpp is empty unless x86-64); the CUDA ones
+    # under csrc/cuda/ only in a CUDA build.
+    sources = sorted(os.path.relpath(p, ROOT) for p in
+                     glob.glob(os.path.join(ROOT, "csrc", "**", "*.cpp"), recursive=True))
     if not WITH_CUDA:
         return [CppExtension("fastdropout._C", sources, extra_compile_args={"cxx": cxx_flags},
                              extra_link_args=link_flags)]
@@ -111,7 +113,8 @@ def extensions():
         nvcc_flags.append("-Xptxas=-v")
     return [CUDAExtension(
         "fastdropout._C",
-        sources + ["csrc/cuda/dropout_cuda.cu"],
+        sources + sorted(os.path.relpath(p, ROOT) for p in
+                         glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu"))),
         include_dirs=_cuda_include_dirs(),
         extra_compile_args={"cxx": cxx_flags + ["-DFASTDROPOUT_WITH_CUDA"], "nvcc": nvcc_flags},
         extra_link_args=link_flags,
