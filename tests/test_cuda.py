@@ -12,6 +12,7 @@ pytestmark = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU and the C
 
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
 @pytest.mark.parametrize("numel", [1, 7, 8, 9, 4096 + 3, (1 << 20) + 5])
+@pytest.mark.gpu_stage2
 def test_cpu_and_cuda_bit_identical(dtype, numel):
     x = (torch.randn(numel) * 5).to(dtype)
     for p in (0.1, 0.5, 0.9):
@@ -23,6 +24,7 @@ def test_cpu_and_cuda_bit_identical(dtype, numel):
 
 
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.gpu_stage2
 def test_unaligned_and_strided_inputs_take_the_scalar_path_correctly(dtype):
     base = torch.randn(4099, device="cuda").to(dtype)
     for x in (base[1:], base[3:4003], base[::2], base[:4096].view(64, 64).t()):
@@ -31,6 +33,7 @@ def test_unaligned_and_strided_inputs_take_the_scalar_path_correctly(dtype):
 
 
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.gpu_stage2
 def test_backward_matches_cpu(dtype):
     x = torch.randn(3, 1001).to(dtype)
     g = torch.randn(3, 1001).to(dtype)
@@ -88,6 +91,7 @@ def test_checkpoint_reproduces_masks():
         assert torch.equal(x.grad, plain)
 
 
+@pytest.mark.gpu_stage2
 def test_cuda_graph_replay_draws_fresh_masks_and_backward_follows():
     x = torch.ones(1 << 14, device="cuda", requires_grad=True)
     static_grad = torch.ones(1 << 14, device="cuda")
@@ -129,6 +133,7 @@ def test_make_graphed_callables():
     assert not torch.equal(seen[0], seen[1])
 
 
+@pytest.mark.gpu_stage2
 def test_more_than_2_pow_31_elements():
     n = 2**31 + 7
     x = torch.ones(n, dtype=torch.bfloat16, device="cuda")
@@ -144,6 +149,7 @@ def test_more_than_2_pow_31_elements():
 
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
 @pytest.mark.parametrize("shape", [(64, 4096), (3, 5, 24), (7, 13), (33, 8)])
+@pytest.mark.gpu_stage2
 def test_fused_cpu_and_cuda_agree(dtype, shape):
     x, b, r = (torch.randn(shape).to(dtype), torch.randn(shape[-1]).to(dtype), torch.randn(shape).to(dtype))
     g = torch.randn(shape).to(dtype)
@@ -160,6 +166,7 @@ def test_fused_cpu_and_cuda_agree(dtype, shape):
     torch.testing.assert_close(gb[0], gb[1], rtol=tol, atol=tol)  # float32 summation order differs
 
 
+@pytest.mark.gpu_stage2
 def test_fused_bias_grad_deterministic_on_cuda():
     x = torch.randn(4096, 1024, device="cuda", requires_grad=True)
     b = torch.randn(1024, device="cuda", requires_grad=True)
@@ -174,6 +181,7 @@ def test_fused_bias_grad_deterministic_on_cuda():
 
 @pytest.mark.parametrize("fn,shape", [(fastdropout.dropout1d, (4, 6, 10)), (fastdropout.dropout2d, (3, 5, 7, 9)),
                                       (fastdropout.dropout3d, (2, 4, 3, 5, 6))])
+@pytest.mark.gpu_stage2
 def test_channel_dropout_cpu_and_cuda_agree(fn, shape):
     x = torch.randn(shape)
     assert bits_equal(fn(x, 0.4, seed=3), fn(x.cuda(), 0.4, seed=3))
@@ -229,6 +237,7 @@ def test_compile_on_cuda_matches_eager():
     assert torch.equal(compiled(x), eager)
 
 
+@pytest.mark.gpu_stage2
 def test_fused_cuda_graph_replay_draws_fresh_masks():
     x = torch.ones(64, 256, device="cuda", requires_grad=True)
     b = torch.zeros(256, device="cuda", requires_grad=True)
@@ -254,3 +263,76 @@ def test_fused_cuda_graph_replay_draws_fresh_masks():
         torch.testing.assert_close(b.grad, out.detach().sum(0))
         seen.append(out.detach().clone())
     assert not torch.equal(seen[0], seen[1])
+
+
+# Layouts the GPU check's correctness stage must see: each a view whose strides and storage
+# offset are the same on the CPU and on CUDA (the CPU is the reference: bit for bit).
+VIEWS = {
+    "channels_last": lambda b: b[:480].view(2, 5, 8, 6).permute(0, 3, 1, 2),  # NCHW, memory NHWC
+    "permuted": lambda b: b[:480].view(6, 5, 16).permute(2, 0, 1),
+    "misaligned": lambda b: b[1:481].view(2, 6, 5, 8),  # one element past a 16-byte boundary
+    "misaligned_odd": lambda b: b[3:480],
+}
+
+
+@pytest.mark.gpu_stage2
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("view", sorted(VIEWS))
+def test_views_match_cpu_bitwise_in_every_op(dtype, view):
+    torch.manual_seed(0)
+    base, grad_base, residual_base = ((torch.randn(512) * 4).to(dtype) for _ in range(3))
+    got = {}
+    for dev in ("cpu", "cuda"):
+        x = VIEWS[view](base.to(dev)).detach().requires_grad_()
+        g = VIEWS[view](grad_base.to(dev))
+        y = fastdropout.dropout(x, 0.3, seed=7, offset=3)
+        y.backward(g)
+        inplace = VIEWS[view](base.to(dev).clone())
+        fastdropout.dropout(inplace, 0.3, inplace=True, seed=7, offset=3)
+        out = {"forward": y, "backward": x.grad, "inplace": inplace}
+        if x.dim() == 4:
+            out["dropout2d"] = fastdropout.dropout2d(x.detach(), 0.4, seed=5)
+        xf = x.detach().requires_grad_()
+        bias = torch.linspace(-1, 1, x.shape[-1]).to(dtype).to(dev).requires_grad_()
+        fused = fastdropout.bias_dropout_add(xf, bias, VIEWS[view](residual_base.to(dev)), 0.2, seed=9)
+        fused.backward(g)
+        out.update(fused=fused, fused_grad_x=xf.grad, fused_grad_bias=bias.grad)
+        got[dev] = out
+    for name in got["cpu"]:
+        assert got["cpu"][name].stride() == got["cuda"][name].stride(), name
+        assert bits_equal(got["cpu"][name], got["cuda"][name]), name
+
+
+@pytest.mark.gpu_stage2
+def test_more_than_2_pow_31_elements_backward_and_fused():
+    p, seed, offset = 0.25, 11, 2
+    kept = torch.tensor(1 / 0.75, dtype=torch.float32).to(torch.bfloat16)
+    columns = 4096
+    rows = 2**31 // columns + 1
+    n = rows * columns
+
+    def check_mask(flat):
+        for start in (0, n - 4096):
+            want = torch.from_numpy(reference.keep_mask(4096, p, seed, offset, start=start))
+            got = flat[start:start + 4096].cpu()
+            assert torch.equal(got != 0, want), start
+            assert (got[want] == kept).all(), start
+
+    x = torch.ones(n, dtype=torch.bfloat16, device="cuda", requires_grad=True)
+    y = fastdropout.dropout(x, p, seed=seed, offset=offset)
+    y.backward(torch.ones_like(y))
+    check_mask(x.grad)  # grad = 1: the replayed mask times the scale
+    del x, y
+    torch.cuda.empty_cache()
+
+    x = torch.ones(rows, columns, dtype=torch.bfloat16, device="cuda", requires_grad=True)
+    bias = torch.zeros(columns, dtype=torch.bfloat16, device="cuda", requires_grad=True)
+    residual = torch.zeros(rows, columns, dtype=torch.bfloat16, device="cuda")
+    out = fastdropout.bias_dropout_add(x, bias, residual, p, seed=seed, offset=offset)
+    check_mask(out.detach().view(-1))
+    out.backward(torch.ones_like(out))
+    check_mask(x.grad.view(-1))
+    sums = x.grad[:, :8].double().sum(0)
+    torch.testing.assert_close(bias.grad[:8].double(), sums, rtol=2**-7, atol=0)
+    del x, bias, residual, out
+    torch.cuda.empty_cache()
