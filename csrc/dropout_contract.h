@@ -3,8 +3,12 @@
 // spelled out in README.md ("The mask contract") and pinned by tests/test_contract.py.
 #pragma once
 
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <type_traits>
 
 #include "philox.h"
@@ -98,14 +102,49 @@ FD_HOST_DEVICE T add_rn(T a, T b) {
 #endif
 }
 
+// Every NaN a kernel writes is the dtype's canonical quiet NaN: positive, only the top mantissa
+// bit set (fp32 0x7fc00000, fp64 0x7ff8000000000000, fp16 0x7e00, bf16 0x7fc0). Without this
+// rule the bits of a kept NaN would depend on the device: x86 keeps a NaN's sign and payload
+// through a multiply, NVIDIA GPUs return 0x7fffffff, and the float -> bf16/fp16 conversions
+// differ again.
+template <typename scalar_t>
+struct CanonicalNaN {  // float and double, from their bits
+  static FD_HOST_DEVICE scalar_t value() {
+    using bits_t = std::conditional_t<sizeof(scalar_t) == 8, uint64_t, uint32_t>;
+    const bits_t bits = sizeof(scalar_t) == 8 ? static_cast<bits_t>(0x7ff8000000000000ull)
+                                              : static_cast<bits_t>(0x7fc00000u);
+    scalar_t value;
+    memcpy(&value, &bits, sizeof value);
+    return value;
+  }
+};
+template <>
+struct CanonicalNaN<c10::Half> {
+  static FD_HOST_DEVICE c10::Half value() { return c10::Half(0x7e00, c10::Half::from_bits()); }
+};
+template <>
+struct CanonicalNaN<c10::BFloat16> {
+  static FD_HOST_DEVICE c10::BFloat16 value() {
+    return c10::BFloat16(0x7fc0, c10::BFloat16::from_bits());
+  }
+};
+
+// The one rounding of a result from acc_t to the output dtype. A NaN in acc_t is a NaN after
+// the conversion and nothing else is (a finite value that overflows becomes inf), so testing
+// before the conversion is the same as testing after it.
+template <typename scalar_t, typename acc_t>
+FD_HOST_DEVICE scalar_t round_result(acc_t v) {
+  return v != v ? CanonicalNaN<scalar_t>::value() : static_cast<scalar_t>(v);
+}
+
 // A kept element becomes x * scale, the product taken in acc_t and rounded once to scalar_t;
-// a dropped one becomes exactly 0 (also where x is inf or NaN).
+// a dropped one becomes exactly +0 (also where x is inf or NaN).
 // The product is computed either way and then selected: branch-free, so that the CPU loops
 // vectorise (a conditional multiply is control flow to the vectoriser).
 template <typename scalar_t, typename acc_t>
 FD_HOST_DEVICE scalar_t apply_keep(bool keep, scalar_t x, acc_t scale) {
   const acc_t kept = mul_rn(static_cast<acc_t>(x), scale);
-  return static_cast<scalar_t>(keep ? kept : acc_t(0));
+  return round_result<scalar_t>(keep ? kept : acc_t(0));
 }
 
 // The fused transformer path: residual + (keep ? (x + bias) * scale : 0), one rounding at the
@@ -116,8 +155,23 @@ FD_HOST_DEVICE scalar_t bias_dropout_add_element(bool keep, scalar_t x, acc_t bi
   const acc_t v = kHasBias ? add_rn(static_cast<acc_t>(x), bias) : static_cast<acc_t>(x);
   const acc_t scaled = mul_rn(v, scale);
   const acc_t dropped = keep ? scaled : acc_t(0);
-  return static_cast<scalar_t>(add_rn(static_cast<acc_t>(residual), dropped));
+  return round_result<scalar_t>(add_rn(static_cast<acc_t>(residual), dropped));
 }
+
+// The order in which bias_dropout_add's backward sums grad_x over the rows into grad_bias, the
+// same on every device so that grad_bias is bit-identical too (acc_t sums, each rounded):
+//  1. rows are cut into chunks of kBiasGradChunkRows, each into kBiasGradSlices slices of
+//     kBiasGradSliceRows consecutive rows; a slice sums its rows in row order, from +0.
+//  2. a chunk's partial is tree_sum over its slices (absent slices are +0).
+//  3. while more than one partial is left, each run of kBiasGradFanIn consecutive partials
+//     becomes one, their tree_sum (absent entries +0).
+// tree_sum(v[0..n)) with n a power of two: for stride = n/2, n/4, .., 1: v[i] += v[i + stride]
+// for i < stride; the result is v[0]. The slices and the fan-in give a GPU its parallelism
+// (one thread per slice, one block per run) while the order stays a function of the shape only.
+constexpr int kBiasGradSliceRows = 8;
+constexpr int kBiasGradSlices = 8;
+constexpr int kBiasGradChunkRows = kBiasGradSliceRows * kBiasGradSlices;
+constexpr int kBiasGradFanIn = 32;
 
 // The (seed, offset) a call used; handed from forward to backward as an int64[2] tensor.
 struct RngPair {

@@ -62,7 +62,7 @@ struct Philox4x32 {
 template <typename Lane>
 FD_HOST_DEVICE Philox4x32<Lane> philox4x32_10(Lane c0, Lane c1, Lane c2, Lane c3, Lane k0,
                                               Lane k1) {
-#if defined(__CUDA_ARCH__)
+#if defined(__CUDACC__)
 #pragma unroll
 #else
 #pragma GCC unroll 10

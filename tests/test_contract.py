@@ -151,3 +151,67 @@ def test_cpu_simd_and_scalar_paths_draw_the_same_masks():
             [(1000, 0.1, 1, 2), (4099, 0.5, 2**64 - 1, 2**40), (77, 0.9, 5, 0)]]
     for a, b in zip(here, baseline):
         assert torch.equal(a, b)
+
+
+# --- NaN: every NaN a kernel writes is the dtype's canonical quiet NaN --------------------------
+
+def _nan_inputs(dtype):
+    """NaNs of both signs and several payloads, infinities, and ordinary values."""
+    bits, int_dtype = reference.CANONICAL_NAN_BITS[dtype]
+    width = {torch.int16: 16, torch.int32: 32, torch.int64: 64}[int_dtype]
+    sign = 1 << (width - 1)
+    nans = [bits, bits | 1, bits | sign, (bits | sign | 5)]  # +qNaN, payload, -qNaN, -payload
+    nans = [v - (1 << width) if v >= sign else v for v in nans]
+    nan_values = torch.tensor(nans, dtype=int_dtype).view(dtype)
+    others = torch.tensor([float("inf"), -float("inf"), -0.0, 1.5], dtype=dtype)
+    return torch.cat([nan_values, others]).repeat(64)
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+def test_kept_nans_become_the_canonical_quiet_nan(dtype):
+    x = _nan_inputs(dtype)
+    y = fastdropout.dropout(x, 0.5, seed=3)
+    mask = fastdropout.dropout_mask(x.shape, 0.5, seed=3)
+    kept_nan = mask & torch.isnan(x)
+    assert kept_nan.sum() > 10 and (~mask & torch.isnan(x)).sum() > 10
+    canonical = reference.canonical_nan(dtype).expand(int(kept_nan.sum()))
+    assert bits_equal(y[kept_nan], canonical)
+    assert bits_equal(y, reference.dropout(x, 0.5, 3))
+    # backward replays the same rule on the gradient
+    g = _nan_inputs(dtype)
+    xr = torch.zeros_like(x, requires_grad=True)
+    fastdropout.dropout(xr, 0.5, seed=3).backward(g)
+    assert bits_equal(xr.grad, reference.dropout(g, 0.5, 3))
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+def test_bias_dropout_add_nans_are_canonical(dtype):
+    x = _nan_inputs(dtype).view(-1, 8)
+    r = _nan_inputs(dtype).flip(0).view(-1, 8)
+    b = _nan_inputs(dtype)[:8]
+    out = fastdropout.bias_dropout_add(x, b, r, 0.5, seed=9)
+    assert bits_equal(out, reference.bias_dropout_add(x, b, r, 0.5, 9))
+    assert torch.isnan(out).sum() > 10
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("shape", [(1, 8), (63, 8), (64, 16), (65, 5), (2563, 24), (70001, 2)])
+def test_bias_grad_follows_the_contracts_summation_order(dtype, shape):
+    """grad_bias is summed in the order the contract fixes (slices, chunks, fan-in levels), bit
+    for bit: 1 chunk, 2 chunks, 41 chunks (2 levels), 1094 chunks (3 levels)."""
+    torch.manual_seed(0)
+    x = torch.randn(shape).to(dtype).requires_grad_()
+    b = torch.randn(shape[-1]).to(dtype).requires_grad_()
+    g = (torch.randn(shape) * 3).to(dtype)
+    fastdropout.bias_dropout_add(x, b, torch.zeros(shape, dtype=dtype), 0.2, seed=4).backward(g)
+    assert bits_equal(x.grad, reference.dropout(g, 0.2, 4))
+    assert bits_equal(b.grad, reference.bias_grad(x.grad))
+
+
+def test_bias_grad_nan_is_canonical():
+    g = torch.ones(16, 8)
+    g[3, 2] = reference.canonical_nan(torch.float32).neg()  # a negative NaN in the gradient
+    x = torch.zeros(16, 8, requires_grad=True)
+    b = torch.zeros(8, requires_grad=True)
+    fastdropout.bias_dropout_add(x, b, torch.zeros(16, 8), 0.0, seed=1).backward(g)
+    assert bits_equal(b.grad[2:3], reference.canonical_nan(torch.float32).view(1))

@@ -112,6 +112,19 @@ void write_rng_state(const at::Tensor& rng_state, RngPair rng) {
   s[1] = static_cast<int64_t>(rng.offset);
 }
 
+// The contract's tree_sum, column-wise: v holds n rows (n a power of two) of `columns` sums;
+// for stride = n/2 .. 1, row i += row i + stride for i < stride; the result is row 0.
+template <typename acc_t>
+void tree_sum_rows(acc_t* v, int n, int64_t columns) {
+  for (int stride = n / 2; stride >= 1; stride /= 2) {
+    for (int i = 0; i < stride; ++i) {
+      acc_t* __restrict__ dst = v + i * columns;
+      const acc_t* __restrict__ src = v + (i + stride) * columns;
+      for (int64_t c = 0; c < columns; ++c) dst[c] = add_rn(dst[c], src[c]);
+    }
+  }
+}
+
 // Forward draws and records the state; backward (request == nullptr) replays it.
 RngPair resolve_rng(const at::Tensor& rng_state, const RngRequest* request) {
   if (request == nullptr) return read_rng_state(rng_state);
@@ -244,44 +257,55 @@ void bias_dropout_add_backward_cpu(const BiasDropoutAddBackward& args) {
   const int64_t rows = columns == 0 ? 0 : grad.numel() / columns;
   const RngPair rng = read_rng_state(*args.rng_state);
   const uint32_t threshold = drop_threshold(args.p);
-  // Rows are cut into fixed chunks whatever the thread count; each chunk sums into its own
-  // float32 partial row and the partials are added in chunk order: bitwise deterministic.
-  const int64_t rows_per_chunk = std::max<int64_t>(1, kGrainElements / std::max<int64_t>(columns, 1));
-  const int64_t chunks = ceil_div(rows, rows_per_chunk);
-  FD_DISPATCH_FLOAT_TYPES(grad.scalar_type(),
-                                  "bias_dropout_add_backward_cpu", [&] {
+  // grad_bias is summed in the order dropout_contract.h fixes (slices of rows, chunks, fan-in
+  // levels), the same as the CUDA kernels: bit-identical on both devices, whatever the thread
+  // count.
+  const int64_t chunks = ceil_div(rows, kBiasGradChunkRows);
+  FD_DISPATCH_FLOAT_TYPES(grad.scalar_type(), "bias_dropout_add_backward_cpu", [&] {
     using acc_t = acc_type_t<scalar_t>;
-    // Partial sums in float32 (float64 for float64 gradients).
-    using sum_t = acc_t;
-    std::vector<sum_t> sums(static_cast<size_t>(chunks * columns), sum_t(0));
     const acc_t scale = keep_scale<acc_t>(args.p);
     const scalar_t* gs = grad.const_data_ptr<scalar_t>();
     scalar_t* gx = args.grad_x->mutable_data_ptr<scalar_t>();
+    std::vector<acc_t> partials(static_cast<size_t>(std::max<int64_t>(chunks, 1) * columns),
+                                acc_t(0));
     at::parallel_for(0, chunks, 1, [&](int64_t chunk_begin, int64_t chunk_end) {
+      std::vector<acc_t> slices(static_cast<size_t>(kBiasGradSlices * columns));
       for (int64_t chunk = chunk_begin; chunk < chunk_end; ++chunk) {
-        sum_t* partial = sums.data() + chunk * columns;
-        const int64_t e0 = chunk * rows_per_chunk * columns;
-        const int64_t e1 = std::min(rows, (chunk + 1) * rows_per_chunk) * columns;
+        std::fill(slices.begin(), slices.end(), acc_t(0));
+        const int64_t first_row = chunk * kBiasGradChunkRows;
+        const int64_t e0 = first_row * columns;
+        const int64_t e1 = std::min(rows, first_row + kBiasGradChunkRows) * columns;
+        // Runs never cross a row end, so each run adds into the sums of one slice, in row order.
         for_keep_row_runs(rng, threshold, e0, e1, columns,
                           [&](int64_t first, int64_t count, const uint8_t* keep, int64_t column) {
-          sum_t* __restrict__ sum = partial + column;
+          const int64_t slice = (first / columns - first_row) / kBiasGradSliceRows;
+          acc_t* __restrict__ sum = slices.data() + slice * columns + column;
           for (int64_t k = 0; k < count; ++k) {
             const scalar_t g = apply_keep(keep[k] != 0, gs[first + k], scale);
             gx[first + k] = g;
-            sum[k] = add_rn(sum[k], static_cast<sum_t>(g));
+            sum[k] = add_rn(sum[k], static_cast<acc_t>(g));
           }
         });
+        tree_sum_rows(slices.data(), kBiasGradSlices, columns);
+        std::copy(slices.begin(), slices.begin() + columns, partials.begin() + chunk * columns);
       }
     });
-    // Chunk by chunk, each column in chunk order: the same sums as a column-wise loop, read
-    // with unit stride.
-    std::vector<sum_t> total(static_cast<size_t>(columns), sum_t(0));
-    for (int64_t chunk = 0; chunk < chunks; ++chunk) {
-      const sum_t* partial = sums.data() + chunk * columns;
-      for (int64_t c = 0; c < columns; ++c) total[c] = add_rn(total[c], partial[c]);
+    // Fan-in levels: every run of kBiasGradFanIn partials becomes one (written over the first
+    // partial rows, which have been read by then), until one is left.
+    std::vector<acc_t> run(static_cast<size_t>(kBiasGradFanIn * columns));
+    for (int64_t n = chunks; n > 1; n = ceil_div(n, kBiasGradFanIn)) {
+      for (int64_t out = 0; out < ceil_div(n, kBiasGradFanIn); ++out) {
+        const int64_t first = out * kBiasGradFanIn;
+        const int64_t present = std::min<int64_t>(kBiasGradFanIn, n - first);
+        std::copy(partials.begin() + first * columns,
+                  partials.begin() + (first + present) * columns, run.begin());
+        std::fill(run.begin() + present * columns, run.end(), acc_t(0));
+        tree_sum_rows(run.data(), kBiasGradFanIn, columns);
+        std::copy(run.begin(), run.begin() + columns, partials.begin() + out * columns);
+      }
     }
     scalar_t* gb = args.grad_bias->mutable_data_ptr<scalar_t>();
-    for (int64_t c = 0; c < columns; ++c) gb[c] = static_cast<scalar_t>(total[c]);
+    for (int64_t c = 0; c < columns; ++c) gb[c] = round_result<scalar_t>(partials[c]);
   });
 }
 

@@ -1,0 +1,342 @@
+// Fused bias + dropout + residual on CUDA: out = residual + (keep ? (x + bias) * scale : 0),
+// and its backward: grad_x = keep ? grad * scale : 0 with grad_bias = column sums of grad_x,
+// summed in the order dropout_contract.h fixes, so that grad_bias is bit-identical to the
+// CPU's and deterministic.
+#include "kernel_utils.cuh"
+
+namespace fastdropout {
+namespace cuda {
+namespace {
+
+// Forward. kVector: every pointer 16-byte aligned and (with a bias) the row length a multiple
+// of 8, so a group of 8 lies in one row over 8 consecutive bias entries. The column of a group
+// comes from one division by a launch-wide divisor (a multiply-high below 2^32 dividends).
+template <typename scalar_t, bool kHasBias, bool kVector>
+__global__ void __launch_bounds__(kThreads)
+bias_dropout_add_forward_cuda_kernel(const scalar_t* __restrict__ x,
+                                     const scalar_t* __restrict__ bias,
+                                     const scalar_t* __restrict__ residual,
+                                     scalar_t* __restrict__ out, int64_t numel,
+                                     int64_t columns, GroupDivider column_of, RngSource src,
+                                     uint32_t threshold, acc_type_t<scalar_t> scale) {
+  using acc_t = acc_type_t<scalar_t>;
+  const int64_t group = thread_group();
+  const int64_t base = group * kElementsPerPhilox;
+  if (base >= numel) {
+    resolve_rng(src);
+    return;
+  }
+  const int count = static_cast<int>(std::min<int64_t>(kElementsPerPhilox, numel - base));
+  Group8<scalar_t> xv, rv, bv;
+  int64_t column = 0;
+  if (kVector && count == kElementsPerPhilox) {
+    xv.load(x + base);
+    rv.load(residual + base);
+    if (kHasBias) {
+      int64_t row, column_group;
+      column_of.divmod(group, &row, &column_group);  // divisor: columns / 8
+      bv.load(bias + column_group * kElementsPerPhilox);
+    }
+  } else {
+    xv.load_scalars(x + base, count);
+    rv.load_scalars(residual + base, count);
+    if (kHasBias) {
+      int64_t row;
+      column_of.divmod(base, &row, &column);  // divisor: columns
+    }
+  }
+  const RngPair rng = resolve_rng(src);
+  const uint32_t bits = keep_bits8(rng.seed, rng.offset, group, threshold);
+  if (kVector && count == kElementsPerPhilox) {
+#pragma unroll
+    for (int j = 0; j < kElementsPerPhilox; ++j) {
+      const acc_t b = kHasBias ? static_cast<acc_t>(bv[j]) : acc_t(0);
+      xv[j] = bias_dropout_add_element<kHasBias>((bits >> j) & 1u, xv[j], b, rv[j], scale);
+    }
+    xv.store(out + base);
+    return;
+  }
+#pragma unroll
+  for (int j = 0; j < kElementsPerPhilox; ++j) {
+    if (j < count) {
+      const acc_t b = kHasBias ? static_cast<acc_t>(bias[column]) : acc_t(0);
+      xv[j] = bias_dropout_add_element<kHasBias>((bits >> j) & 1u, xv[j], b, rv[j], scale);
+      if (kHasBias && ++column == columns) column = 0;
+    }
+  }
+  xv.store_scalars(out + base, count);
+}
+
+// How the bias-gradient partial kernel lays threads over (chunk, slice, column unit): a block
+// of kThreads threads holds unit_lanes consecutive column units (kCols columns each) x the
+// kBiasGradSlices slices x chunks_per_block chunks, so that narrow rows still fill the block.
+struct BiasGradLayout {
+  int64_t rows;
+  int64_t columns;
+  int64_t units;        // columns / kCols
+  int64_t chunks;       // ceil(rows / kBiasGradChunkRows)
+  int unit_lanes;       // power of two <= 32
+  int chunks_per_block;
+  int64_t unit_blocks;  // ceil(units / unit_lanes)
+
+  BiasGradLayout(int64_t rows_, int64_t columns_, int cols_per_unit)
+      : rows(rows_), columns(columns_), units(columns_ / cols_per_unit) {
+    chunks = ceil_div(rows, kBiasGradChunkRows);
+    unit_lanes = 1;
+    while (unit_lanes < kWarp && unit_lanes < units) unit_lanes *= 2;
+    chunks_per_block = kThreads / (unit_lanes * kBiasGradSlices);
+    unit_blocks = ceil_div(units, unit_lanes);
+  }
+  int64_t blocks() const { return unit_blocks * ceil_div(chunks, chunks_per_block); }
+};
+
+// Backward, first step: each thread sums one slice (8 rows) of kCols columns, the block adds its
+// slices by the contract's tree in shared memory, and writes one partial row per chunk.
+// kMask: grad_x = keep ? grad * scale : 0 is computed and written here (kCols = 8, one Philox
+// call per row); otherwise `grad` already is grad_x (the misaligned path, kCols = 1) and is
+// only summed. Rows are loaded kPrefetch at a time ahead of their Philox rounds.
+template <typename scalar_t, int kCols, bool kMask>
+__global__ void __launch_bounds__(kThreads)
+bias_grad_partials_cuda_kernel(const scalar_t* __restrict__ grad, scalar_t* __restrict__ grad_x,
+                               acc_type_t<scalar_t>* __restrict__ partials, BiasGradLayout layout,
+                               RngSource src, uint32_t threshold, acc_type_t<scalar_t> scale) {
+  using acc_t = acc_type_t<scalar_t>;
+  using Row = std::conditional_t<kCols == kElementsPerPhilox, Group8<scalar_t>, scalar_t[1]>;
+  constexpr int kPrefetch = kCols == 1 ? kBiasGradSliceRows
+                                       : static_cast<int>(16 / sizeof(scalar_t));
+  __shared__ acc_t slice_sums[kThreads * kCols];
+
+  const int t = threadIdx.x;
+  const int unit_local = t % layout.unit_lanes;
+  const int slice = (t / layout.unit_lanes) % kBiasGradSlices;
+  const int chunk_local = t / (layout.unit_lanes * kBiasGradSlices);
+  const int64_t unit = (blockIdx.x % layout.unit_blocks) * layout.unit_lanes + unit_local;
+  const int64_t chunk = (blockIdx.x / layout.unit_blocks) * layout.chunks_per_block + chunk_local;
+  const bool active = unit < layout.units && chunk < layout.chunks;
+  const int64_t column = unit * kCols;
+  const int64_t first_row = chunk * kBiasGradChunkRows + slice * kBiasGradSliceRows;
+  const int rows_here =
+      active ? static_cast<int>(std::max<int64_t>(
+                   0, std::min<int64_t>(kBiasGradSliceRows, layout.rows - first_row)))
+             : 0;
+
+  acc_t sums[kCols];
+#pragma unroll
+  for (int j = 0; j < kCols; ++j) sums[j] = acc_t(0);
+  RngPair rng{0, 0};
+#pragma unroll
+  for (int r0 = 0; r0 < kBiasGradSliceRows; r0 += kPrefetch) {
+    Row values[kPrefetch];
+#pragma unroll
+    for (int i = 0; i < kPrefetch; ++i) {
+      if (r0 + i < rows_here) {
+        const scalar_t* row = grad + (first_row + r0 + i) * layout.columns + column;
+        if constexpr (kCols == kElementsPerPhilox) {
+          values[i].load(row);
+        } else {
+          values[i][0] = row[0];
+        }
+      }
+    }
+    if (kMask && r0 == 0) rng = resolve_rng(src);
+#pragma unroll
+    for (int i = 0; i < kPrefetch; ++i) {
+      if (r0 + i < rows_here) {
+        const int64_t base = (first_row + r0 + i) * layout.columns + column;
+        if constexpr (kMask) {
+          const uint32_t bits =
+              keep_bits8(rng.seed, rng.offset, base / kElementsPerPhilox, threshold);
+#pragma unroll
+          for (int j = 0; j < kCols; ++j) {
+            values[i][j] = apply_keep((bits >> j) & 1u, values[i][j], scale);
+          }
+          values[i].store(grad_x + base);
+        }
+#pragma unroll
+        for (int j = 0; j < kCols; ++j) sums[j] = add_rn(sums[j], static_cast<acc_t>(values[i][j]));
+      }
+    }
+  }
+
+  // The contract's tree over the chunk's slices: stride 4, 2, 1.
+  acc_t* mine = slice_sums + ((chunk_local * kBiasGradSlices + slice) * layout.unit_lanes +
+                              unit_local) * kCols;
+#pragma unroll
+  for (int j = 0; j < kCols; ++j) mine[j] = sums[j];
+  const int slice_pitch = layout.unit_lanes * kCols;
+#pragma unroll
+  for (int stride = kBiasGradSlices / 2; stride >= 1; stride /= 2) {
+    __syncthreads();
+    if (slice < stride) {
+#pragma unroll
+      for (int j = 0; j < kCols; ++j) mine[j] = add_rn(mine[j], mine[stride * slice_pitch + j]);
+    }
+  }
+  if (slice == 0 && active) {
+    acc_t* partial = partials + chunk * layout.columns + column;
+#pragma unroll
+    for (int j = 0; j < kCols; ++j) partial[j] = mine[j];
+  }
+}
+
+// Backward, fan-in level: each run of kBiasGradFanIn consecutive partial rows becomes one, by
+// the contract's tree (absent rows are +0). Threads: 32 columns x 32 rows of a run. kFinal:
+// the last level, written as grad_bias itself.
+template <typename scalar_t, bool kFinal>
+__global__ void __launch_bounds__(kWarp * kBiasGradFanIn)
+bias_grad_fan_in_cuda_kernel(const acc_type_t<scalar_t>* __restrict__ in, int64_t n,
+                             int64_t columns, int64_t column_blocks,
+                             acc_type_t<scalar_t>* __restrict__ out,
+                             scalar_t* __restrict__ grad_bias) {
+  using acc_t = acc_type_t<scalar_t>;
+  __shared__ acc_t tree[kBiasGradFanIn][kWarp + 1];
+  const int tx = threadIdx.x % kWarp;
+  const int ty = threadIdx.x / kWarp;
+  const int64_t column = (blockIdx.x % column_blocks) * kWarp + tx;
+  const int64_t run = blockIdx.x / column_blocks;
+  const int64_t entry = run * kBiasGradFanIn + ty;
+  tree[ty][tx] = column < columns && entry < n ? in[entry * columns + column] : acc_t(0);
+#pragma unroll
+  for (int stride = kBiasGradFanIn / 2; stride >= 1; stride /= 2) {
+    __syncthreads();
+    if (ty < stride) tree[ty][tx] = add_rn(tree[ty][tx], tree[ty + stride][tx]);
+  }
+  if (ty != 0 || column >= columns) return;
+  if (kFinal) {
+    grad_bias[column] = round_result<scalar_t>(tree[0][tx]);
+  } else {
+    out[run * columns + column] = tree[0][tx];
+  }
+}
+
+// One chunk: its partial is the sum.
+template <typename scalar_t>
+__global__ void __launch_bounds__(kThreads)
+bias_grad_store_cuda_kernel(const acc_type_t<scalar_t>* __restrict__ partial, int64_t columns,
+                            scalar_t* __restrict__ grad_bias) {
+  const int64_t column = thread_group();
+  if (column < columns) grad_bias[column] = round_result<scalar_t>(partial[column]);
+}
+
+template <typename scalar_t, bool kHasBias>
+void launch_bias_dropout_add_forward(bool vector, dim3 grid, cudaStream_t stream,
+                                     const scalar_t* x, const scalar_t* bias,
+                                     const scalar_t* residual, scalar_t* out, int64_t numel,
+                                     int64_t columns, const RngSource& src, uint32_t threshold,
+                                     acc_type_t<scalar_t> scale) {
+  if (vector) {
+    const GroupDivider column_groups(columns / kElementsPerPhilox,
+                                     ceil_div(numel, kElementsPerPhilox));
+    bias_dropout_add_forward_cuda_kernel<scalar_t, kHasBias, true><<<grid, kThreads, 0, stream>>>(
+        x, bias, residual, out, numel, columns, column_groups, src, threshold, scale);
+  } else {
+    const GroupDivider column_of(columns, numel);
+    bias_dropout_add_forward_cuda_kernel<scalar_t, kHasBias, false><<<grid, kThreads, 0, stream>>>(
+        x, bias, residual, out, numel, columns, column_of, src, threshold, scale);
+  }
+}
+
+}  // namespace
+}  // namespace cuda
+
+void bias_dropout_add_forward_cuda(const BiasDropoutAddForward& args) {
+  using namespace cuda;
+  const at::Tensor& x = *args.x;
+  const c10::cuda::CUDAGuard guard(x.device());
+  const RngSource src = make_rng_source(*args.rng_state, args.request, x.device());
+  const uint32_t threshold = drop_threshold(args.p);
+  const int64_t numel = x.numel();
+  const bool has_bias = args.bias->defined();
+  const int64_t columns = has_bias ? args.bias->numel() : 1;
+  const auto stream = at::cuda::getCurrentCUDAStream();
+  FD_DISPATCH_FLOAT_TYPES(x.scalar_type(), "bias_dropout_add_cuda", [&] {
+    const auto scale = keep_scale<acc_type_t<scalar_t>>(args.p);
+    const scalar_t* xp = x.const_data_ptr<scalar_t>();
+    const scalar_t* bp = has_bias ? args.bias->const_data_ptr<scalar_t>() : nullptr;
+    const scalar_t* rp = args.residual->const_data_ptr<scalar_t>();
+    scalar_t* op = args.output->mutable_data_ptr<scalar_t>();
+    const bool vector = aligned16(xp) && aligned16(rp) && aligned16(op) &&
+                        (!has_bias || (aligned16(bp) && columns % kElementsPerPhilox == 0));
+    const dim3 grid = group_grid(numel);
+    if (has_bias) {
+      launch_bias_dropout_add_forward<scalar_t, true>(vector, grid, stream, xp, bp, rp, op, numel,
+                                                      columns, src, threshold, scale);
+    } else {
+      launch_bias_dropout_add_forward<scalar_t, false>(vector, grid, stream, xp, bp, rp, op,
+                                                       numel, columns, src, threshold, scale);
+    }
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
+void bias_dropout_add_backward_cuda(const BiasDropoutAddBackward& args) {
+  using namespace cuda;
+  const at::Tensor& grad = *args.grad;
+  const c10::cuda::CUDAGuard guard(grad.device());
+  const int64_t columns = grad.size(-1);
+  const int64_t rows = columns == 0 ? 0 : grad.numel() / columns;
+  if (columns == 0) return;
+  if (rows == 0) {
+    args.grad_bias->zero_();
+    return;
+  }
+  const uint32_t threshold = drop_threshold(args.p);
+  const auto stream = at::cuda::getCurrentCUDAStream();
+  FD_DISPATCH_FLOAT_TYPES(grad.scalar_type(), "bias_dropout_add_backward_cuda", [&] {
+    using acc_t = acc_type_t<scalar_t>;
+    const acc_t scale = keep_scale<acc_t>(args.p);
+    const auto acc_dtype = std::is_same<acc_t, double>::value ? at::kDouble : at::kFloat;
+    const scalar_t* gp = grad.const_data_ptr<scalar_t>();
+    scalar_t* gxp = args.grad_x->mutable_data_ptr<scalar_t>();
+    const bool vector = aligned16(gp) && aligned16(gxp) && columns % kElementsPerPhilox == 0;
+    const int cols_per_unit = vector ? kElementsPerPhilox : 1;
+    const BiasGradLayout layout(rows, columns, cols_per_unit);
+    TORCH_CHECK(layout.blocks() < (int64_t{1} << 31), "fastdropout: tensor too large");
+    at::Tensor partials = at::empty({layout.chunks, columns}, grad.options().dtype(acc_dtype));
+    acc_t* pp = partials.mutable_data_ptr<acc_t>();
+    const RngSource src = make_rng_source(*args.rng_state, nullptr, grad.device());
+    const auto blocks = static_cast<unsigned>(layout.blocks());
+    if (vector) {
+      bias_grad_partials_cuda_kernel<scalar_t, kElementsPerPhilox, true>
+          <<<blocks, kThreads, 0, stream>>>(gp, gxp, pp, layout, src, threshold, scale);
+    } else {
+      // Misaligned or ragged rows: grad_x by the plain pass (coalesced, one Philox call per 8
+      // elements), then its column sums in the same order (1.5x the bytes of one pass, instead
+      // of one Philox call per element).
+      const at::Tensor& grad_x = *args.grad_x;
+      dropout_pass_cuda(DropoutPass{&grad, args.grad_x, args.rng_state, nullptr, args.p, 1});
+      bias_grad_partials_cuda_kernel<scalar_t, 1, false><<<blocks, kThreads, 0, stream>>>(
+          grad_x.const_data_ptr<scalar_t>(), nullptr, pp, layout, src, threshold, scale);
+    }
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    scalar_t* gbp = args.grad_bias->mutable_data_ptr<scalar_t>();
+    if (layout.chunks == 1) {
+      bias_grad_store_cuda_kernel<scalar_t>
+          <<<static_cast<unsigned>(ceil_div(columns, kThreads)), kThreads, 0, stream>>>(
+              pp, columns, gbp);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      return;
+    }
+    const int64_t column_blocks = ceil_div(columns, kWarp);
+    at::Tensor next;
+    for (int64_t n = layout.chunks; n > 1; n = ceil_div(n, kBiasGradFanIn)) {
+      const int64_t runs = ceil_div(n, kBiasGradFanIn);
+      const auto fan_blocks = static_cast<unsigned>(column_blocks * runs);
+      if (runs == 1) {
+        bias_grad_fan_in_cuda_kernel<scalar_t, true>
+            <<<fan_blocks, kWarp * kBiasGradFanIn, 0, stream>>>(pp, n, columns, column_blocks,
+                                                                nullptr, gbp);
+      } else {
+        next = at::empty({runs, columns}, partials.options());
+        bias_grad_fan_in_cuda_kernel<scalar_t, false>
+            <<<fan_blocks, kWarp * kBiasGradFanIn, 0, stream>>>(
+                pp, n, columns, column_blocks, next.mutable_data_ptr<acc_t>(), nullptr);
+        partials = next;
+        pp = partials.mutable_data_ptr<acc_t>();
+      }
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+  });
+}
+
+}  // namespace fastdropout

@@ -1,0 +1,171 @@
+// Plain dropout (forward, and backward on the gradient) and the keep mask, on CUDA.
+//
+// One thread per group of 8 logical elements, the group that one Philox4x32-10 call serves.
+// Aligned buffers: the group's 16-byte loads are issued first, then the (seed, offset) and the
+// Philox rounds, then 16-byte stores. Misaligned buffers (a view starting mid-vector): each
+// warp covers 256 consecutive elements with coalesced scalar accesses, lane l loading elements
+// l, l + 32, ..; every lane still computes one Philox call (its own group) and the keep bits
+// reach the lanes that need them by warp shuffles, so the arithmetic is the aligned kernel's.
+// Full grid, no grid-stride loop.
+#include "kernel_utils.cuh"
+
+namespace fastdropout {
+namespace cuda {
+namespace {
+
+template <typename scalar_t>
+__device__ __forceinline__ void dropout_group_aligned(const scalar_t* in, scalar_t* out,
+                                                      int64_t numel, const RngSource& src,
+                                                      uint32_t threshold,
+                                                      acc_type_t<scalar_t> scale) {
+  const int64_t group = thread_group();
+  const int64_t base = group * kElementsPerPhilox;
+  if (base >= numel) {
+    resolve_rng(src);  // records the state even when the tensor is empty
+    return;
+  }
+  const int count = static_cast<int>(std::min<int64_t>(kElementsPerPhilox, numel - base));
+  Group8<scalar_t> values;
+  if (count == kElementsPerPhilox) {
+    values.load(in + base);
+  } else {
+    values.load_scalars(in + base, count);
+  }
+  const RngPair rng = resolve_rng(src);
+  const uint32_t bits = keep_bits8(rng.seed, rng.offset, group, threshold);
+#pragma unroll
+  for (int j = 0; j < kElementsPerPhilox; ++j) {
+    values[j] = apply_keep((bits >> j) & 1u, values[j], scale);
+  }
+  if (count == kElementsPerPhilox) {
+    values.store(out + base);
+  } else {
+    values.store_scalars(out + base, count);
+  }
+}
+
+template <typename scalar_t>
+__device__ __forceinline__ void dropout_warp_tile(const scalar_t* in, scalar_t* out,
+                                                  int64_t numel, const RngSource& src,
+                                                  uint32_t threshold,
+                                                  acc_type_t<scalar_t> scale) {
+  const int64_t group = thread_group();
+  const int lane = static_cast<int>(threadIdx.x % kWarp);
+  // The warp's first element; the whole warp leaves together (no lane may miss the shuffles).
+  const int64_t tile = (group - lane) * kElementsPerPhilox;
+  if (tile >= numel) {
+    resolve_rng(src);
+    return;
+  }
+  scalar_t values[kElementsPerPhilox];
+#pragma unroll
+  for (int j = 0; j < kElementsPerPhilox; ++j) {
+    const int64_t e = tile + j * kWarp + lane;
+    values[j] = e < numel ? in[e] : scalar_t(0);
+  }
+  const RngPair rng = resolve_rng(src);
+  const uint32_t bits = keep_bits8(rng.seed, rng.offset, group, threshold);
+#pragma unroll
+  for (int j = 0; j < kElementsPerPhilox; ++j) {
+    // Element tile + 32 j + lane belongs to the group of lane 4 j + lane / 8, at bit lane % 8.
+    const uint32_t owner_bits = __shfl_sync(0xffffffffu, bits, j * 4 + (lane >> 3));
+    const int64_t e = tile + j * kWarp + lane;
+    if (e < numel) out[e] = apply_keep((owner_bits >> (lane & 7)) & 1u, values[j], scale);
+  }
+}
+
+// Out of place: input and output never overlap, and say so.
+template <typename scalar_t, bool kAligned>
+__global__ void __launch_bounds__(kThreads)
+dropout_cuda_kernel(const scalar_t* __restrict__ in, scalar_t* __restrict__ out, int64_t numel,
+                    RngSource src, uint32_t threshold, acc_type_t<scalar_t> scale) {
+  if (kAligned) {
+    dropout_group_aligned(in, out, numel, src, threshold, scale);
+  } else {
+    dropout_warp_tile(in, out, numel, src, threshold, scale);
+  }
+}
+
+// In place: one buffer, no __restrict__ (each element is read before the same thread writes
+// it, which needs no promise of non-aliasing, and gets none).
+template <typename scalar_t, bool kAligned>
+__global__ void __launch_bounds__(kThreads)
+dropout_inplace_cuda_kernel(scalar_t* data, int64_t numel, RngSource src, uint32_t threshold,
+                            acc_type_t<scalar_t> scale) {
+  if (kAligned) {
+    dropout_group_aligned<scalar_t>(data, data, numel, src, threshold, scale);
+  } else {
+    dropout_warp_tile<scalar_t>(data, data, numel, src, threshold, scale);
+  }
+}
+
+// The keep mask as bools; 8 bytes per thread, one 8-byte store where aligned.
+__global__ void __launch_bounds__(kThreads)
+keep_mask_cuda_kernel(bool* __restrict__ mask, int64_t numel, RngSource src, uint32_t threshold) {
+  const int64_t group = thread_group();
+  const int64_t base = group * kElementsPerPhilox;
+  const RngPair rng = resolve_rng(src);
+  if (base >= numel) return;
+  const uint32_t bits = keep_bits8(rng.seed, rng.offset, group, threshold);
+  if (base + kElementsPerPhilox <= numel && reinterpret_cast<uintptr_t>(mask + base) % 8 == 0) {
+    uint64_t bytes = 0;
+#pragma unroll
+    for (int j = 0; j < kElementsPerPhilox; ++j) bytes |= uint64_t{(bits >> j) & 1u} << (8 * j);
+    *reinterpret_cast<uint64_t*>(mask + base) = bytes;
+    return;
+  }
+  for (int j = 0; j < kElementsPerPhilox && base + j < numel; ++j) {
+    mask[base + j] = (bits >> j) & 1u;
+  }
+}
+
+}  // namespace
+}  // namespace cuda
+
+void dropout_pass_cuda(const DropoutPass& pass) {
+  using namespace cuda;
+  if (pass.channel_numel != 1) return channel_dropout_pass_cuda(pass);
+  const at::Tensor& in = *pass.input;
+  at::Tensor& out = *pass.output;
+  const c10::cuda::CUDAGuard guard(in.device());
+  const RngSource src = make_rng_source(*pass.rng_state, pass.request, in.device());
+  const uint32_t threshold = drop_threshold(pass.p);
+  const int64_t numel = in.numel();
+  const auto stream = at::cuda::getCurrentCUDAStream();
+  const dim3 grid = group_grid(numel);
+  FD_DISPATCH_FLOAT_TYPES(in.scalar_type(), "dropout_cuda", [&] {
+    const auto scale = keep_scale<acc_type_t<scalar_t>>(pass.p);
+    const scalar_t* src_ptr = in.const_data_ptr<scalar_t>();
+    scalar_t* dst_ptr = out.mutable_data_ptr<scalar_t>();
+    const bool aligned = aligned16(src_ptr) && aligned16(dst_ptr);
+    if (static_cast<const void*>(src_ptr) == static_cast<const void*>(dst_ptr)) {
+      if (aligned) {
+        dropout_inplace_cuda_kernel<scalar_t, true><<<grid, kThreads, 0, stream>>>(
+            dst_ptr, numel, src, threshold, scale);
+      } else {
+        dropout_inplace_cuda_kernel<scalar_t, false><<<grid, kThreads, 0, stream>>>(
+            dst_ptr, numel, src, threshold, scale);
+      }
+    } else if (aligned) {
+      dropout_cuda_kernel<scalar_t, true><<<grid, kThreads, 0, stream>>>(
+          src_ptr, dst_ptr, numel, src, threshold, scale);
+    } else {
+      dropout_cuda_kernel<scalar_t, false><<<grid, kThreads, 0, stream>>>(
+          src_ptr, dst_ptr, numel, src, threshold, scale);
+    }
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
+void keep_mask_cuda(at::Tensor& mask, const at::Tensor& rng_state, double p) {
+  using namespace cuda;
+  const c10::cuda::CUDAGuard guard(mask.device());
+  const RngSource src = make_rng_source(rng_state, nullptr, mask.device());
+  const int64_t numel = mask.numel();
+  if (numel == 0) return;
+  keep_mask_cuda_kernel<<<group_grid(numel), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+      mask.mutable_data_ptr<bool>(), numel, src, drop_threshold(p));
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+}  // namespace fastdropout
