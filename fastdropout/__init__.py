@@ -20,6 +20,8 @@ from .functional import (
 )
 from .modules import BiasDropoutAdd, Dropout, Dropout1d, Dropout2d, Dropout3d
 from .replace import replace_dropout
+from .drop_path import DropPath, drop_path
+from .routing import FunctionalDropoutRoute, route_functional_dropout, unroute_functional_dropout
 
 __all__ = [
     "__version__",
@@ -37,4 +39,9 @@ __all__ = [
     "Dropout3d",
     "BiasDropoutAdd",
     "replace_dropout",
+    "drop_path",
+    "DropPath",
+    "route_functional_dropout",
+    "unroute_functional_dropout",
+    "FunctionalDropoutRoute",
 ]
