@@ -1,0 +1,230 @@
+"""Bytes saved for backward and step time of real models, side by side in one run: torch's dropout,
+fastdropout.replace_dropout(model), and replace_dropout(model, functional=True), which also routes
+the functional attention dropout of Hugging Face models.
+
+    python bench/model_memory.py                         # the four models, realistic sizes
+    python bench/model_memory.py --models gpt2 --seq 512 # one model, shorter sequences
+    python bench/model_memory.py --small                 # tiny configs: a smoke test (seconds)
+    python bench/model_memory.py --json out.json
+
+Models, built from configs (no weights, no downloads; needs transformers and timm):
+  gpt2      Hugging Face GPT-2 small (12 x 768, 12 heads), eager attention, dropout 0.1 (its default)
+  bert      Hugging Face BERT-base (12 x 768, 12 heads), eager attention, dropout 0.1 (its default),
+            masked-LM head
+  vit       Hugging Face ViT-B/16 at 224 px, eager attention, hidden and attention dropout 0.1
+            (the config's default is 0; 0.1 is the ViT paper's setting for training from scratch)
+  timm_vit  timm ViT-B/16 at 224 px, DeiT-B recipe: stochastic depth 0.1, no other dropout,
+            timm's default fused attention
+
+"saved for backward" is every tensor autograd keeps for the backward of one training step
+(torch.autograd.graph.saved_tensors_hooks), each storage counted once, parameters included.
+Step time is forward + backward (no optimizer), the median of --steps after one warm-up step.
+On CUDA the peak allocated memory of a step is reported too. The same model object (same
+weights) goes through the three setups in turn; the route is removed at the end.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from typing import Callable, Dict, List, Tuple
+
+import torch
+
+import fastdropout
+
+Batch = Dict[str, torch.Tensor]
+
+
+def build_gpt2(small: bool, batch: int, seq: int) -> Tuple[torch.nn.Module, Batch, str]:
+    from transformers import GPT2Config, GPT2LMHeadModel
+    size = dict(n_layer=2, n_embd=64, n_head=4) if small else dict(n_layer=12, n_embd=768, n_head=12)
+    model = GPT2LMHeadModel(GPT2Config(**size, n_positions=max(seq, 1024), attn_implementation="eager"))
+    ids = torch.randint(0, model.config.vocab_size, (batch, seq))
+    return model, dict(input_ids=ids, labels=ids), f"GPT-2 {'tiny' if small else 'small'}, {batch} x {seq} tokens"
+
+
+def build_bert(small: bool, batch: int, seq: int) -> Tuple[torch.nn.Module, Batch, str]:
+    from transformers import BertConfig, BertForMaskedLM
+    size = (dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128) if small
+            else dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072))
+    model = BertForMaskedLM(BertConfig(**size, max_position_embeddings=max(seq, 512), attn_implementation="eager"))
+    ids = torch.randint(0, model.config.vocab_size, (batch, seq))
+    return model, dict(input_ids=ids, labels=ids), f"BERT-{'tiny' if small else 'base'} MLM, {batch} x {seq} tokens"
+
+
+def build_vit(small: bool, batch: int, image: int) -> Tuple[torch.nn.Module, Batch, str]:
+    from transformers import ViTConfig, ViTForImageClassification
+    size = (dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128) if small
+            else dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072))
+    model = ViTForImageClassification(ViTConfig(**size, image_size=image, patch_size=16, num_labels=1000,
+                                                hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1,
+                                                attn_implementation="eager"))
+    batch_ = dict(pixel_values=torch.randn(batch, 3, image, image), labels=torch.randint(0, 1000, (batch,)))
+    return model, batch_, f"ViT-{'tiny' if small else 'B'}/16 (HF), {batch} x {image} px"
+
+
+class ClassifierLoss(torch.nn.Module):
+    """Cross-entropy around a logits-only model, so every model is called as model(**batch).loss."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, pixel_values, labels):
+        return type("Output", (), {"loss": torch.nn.functional.cross_entropy(self.model(pixel_values), labels)})
+
+
+def build_timm_vit(small: bool, batch: int, image: int) -> Tuple[torch.nn.Module, Batch, str]:
+    from timm.models.vision_transformer import VisionTransformer
+    size = dict(embed_dim=64, depth=2, num_heads=4) if small else dict(embed_dim=768, depth=12, num_heads=12)
+    model = VisionTransformer(img_size=image, patch_size=16, num_classes=1000, drop_path_rate=0.1, **size)
+    batch_ = dict(pixel_values=torch.randn(batch, 3, image, image), labels=torch.randint(0, 1000, (batch,)))
+    return ClassifierLoss(model), batch_, f"timm ViT-{'tiny' if small else 'B'}/16, drop_path 0.1, {batch} x {image} px"
+
+
+# name -> (builder, default batch, default sequence length or image size)
+MODELS: Dict[str, Tuple[Callable, int, int]] = {
+    "gpt2": (build_gpt2, 1, 1024),
+    "bert": (build_bert, 2, 512),
+    "vit": (build_vit, 8, 224),
+    "timm_vit": (build_timm_vit, 8, 224),
+}
+
+
+def saved_for_backward(step: Callable[[], torch.Tensor]) -> Tuple[int, torch.Tensor]:
+    """Bytes autograd saves while ``step`` runs, each storage once; returns them and its loss."""
+    storages: Dict[Tuple[str, int], int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        storages[(str(t.device), storage.data_ptr())] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = step()
+    return sum(storages.values()), loss
+
+
+def measure(model: torch.nn.Module, batch: Batch, steps: int, device: str, autocast_dtype) -> Dict[str, float]:
+    def step() -> torch.Tensor:
+        with torch.autocast(device, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
+            return model(**batch).loss
+
+    def sync():
+        if device == "cuda":
+            torch.cuda.synchronize()
+
+    model.zero_grad(set_to_none=True)
+    saved, loss = saved_for_backward(step)  # also the warm-up step
+    loss.backward()
+    del loss
+    times = []
+    peak = None
+    for _ in range(steps):
+        model.zero_grad(set_to_none=True)
+        sync()
+        if device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+        t0 = time.perf_counter()
+        step().backward()
+        sync()
+        times.append(time.perf_counter() - t0)
+        if device == "cuda":
+            peak = (torch.cuda.max_memory_allocated() - base) / 2**20
+    return dict(saved_mib=saved / 2**20, step_s=statistics.median(times), peak_mib=peak)
+
+
+def run_model(name: str, args, log) -> Dict[str, object]:
+    builder, default_batch, default_size = MODELS[name]
+    torch.manual_seed(0)
+    model, batch, label = builder(args.small, args.batch or default_batch, args.seq or default_size)
+    model = model.to(args.device).train()
+    batch = {k: v.to(args.device) for k, v in batch.items()}
+    params_mib = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
+    result: Dict[str, object] = dict(model=name, label=label, params_mib=params_mib)
+    log(f"{label}: torch's dropout")
+    result["torch"] = measure(model, batch, args.steps, args.device, args.autocast)
+    replaced, routed = [], []
+    fastdropout.replace_dropout(model, replaced=replaced)
+    log(f"{label}: replace_dropout ({len(replaced)} modules)")
+    result["replace_dropout"] = measure(model, batch, args.steps, args.device, args.autocast)
+    fastdropout.replace_dropout(model, functional=True, routed=routed)
+    try:
+        log(f"{label}: + functional route ({', '.join(routed) or 'no module calls it'})")
+        result["functional"] = measure(model, batch, args.steps, args.device, args.autocast)
+    finally:
+        fastdropout.unroute_functional_dropout(model)
+    result.update(modules_swapped=len(replaced), modules_routed=routed)
+    return result
+
+
+def format_table(results: List[Dict[str, object]], device: str) -> str:
+    cols = ("torch", "replace_dropout", "functional")
+    lines = ["| model | saved for backward: torch | `replace_dropout` | + `functional=True` | step: torch "
+             "| `replace_dropout` | + `functional=True` |" + (" peak: torch | + functional |" if device == "cuda" else ""),
+             "|---|---|---|---|---|---|---|" + ("---|---|" if device == "cuda" else "")]
+    for r in results:
+        base = r["torch"]["saved_mib"]
+        saved = [f"{r[c]['saved_mib']:.0f} MiB" + ("" if c == "torch" else f" ({100 * (1 - r[c]['saved_mib'] / base):.1f}% less)")
+                 for c in cols]
+        steps = [f"{r[c]['step_s']:.2f} s" for c in cols]
+        row = f"| {r['label']} ({r['modules_swapped']} modules swapped) | " + " | ".join(saved + steps) + " |"
+        if device == "cuda":
+            row += f" {r['torch']['peak_mib']:.0f} MiB | {r['functional']['peak_mib']:.0f} MiB |"
+        lines.append(row)
+    return "\n".join(lines)
+
+
+def environment(device: str) -> Dict[str, str]:
+    import importlib.metadata as md
+    env = {"torch": torch.__version__, "fastdropout": fastdropout.__version__, "python": platform.python_version(),
+           "device": device, "threads": str(torch.get_num_threads()), "date": time.strftime("%Y-%m-%d")}
+    for pkg in ("transformers", "timm"):
+        try:
+            env[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            env[pkg] = "not installed"
+    if device == "cuda":
+        env["gpu"] = torch.cuda.get_device_name()
+    return env
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", default=",".join(MODELS), help=f"comma list of {', '.join(MODELS)}")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() and fastdropout.cuda_kernels_built() else "cpu")
+    ap.add_argument("--batch", type=int, default=None, help="default per model: gpt2 1, bert 2, vit 8, timm_vit 8")
+    ap.add_argument("--seq", type=int, default=None, help="tokens (gpt2 1024, bert 512) or image size (224)")
+    ap.add_argument("--steps", type=int, default=2, help="timed steps per setup, after one warm-up step")
+    ap.add_argument("--bf16", action="store_true", help="autocast to bfloat16 (default on CUDA)")
+    ap.add_argument("--small", action="store_true", help="tiny configs: a smoke test")
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args(argv)
+    names = args.models.split(",")
+    for n in names:
+        if n not in MODELS:
+            ap.error(f"unknown model {n!r}; choose from {', '.join(MODELS)}")
+    args.autocast = torch.bfloat16 if (args.bf16 or args.device == "cuda") else None
+
+    def log(msg):
+        print(msg, file=sys.stderr, flush=True)
+
+    env = environment(args.device)
+    results = [run_model(n, args, log) for n in names]
+    print(f"# bench/model_memory.py: {', '.join(f'{k}={v}' for k, v in env.items())}, "
+          f"{'bf16 autocast' if args.autocast else 'fp32'}, median of {args.steps} steps")
+    print(format_table(results, args.device))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"environment": env, "results": results}, f, indent=1)
+        log(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
