@@ -49,8 +49,26 @@ class Row:
 class Timer:
     """Median time of fn in ms. CUDA: events around a loop of `inner` calls; CPU: perf_counter."""
 
+    first_call_count = 0  # first calls timed one by one before the steady-state loop (--first-calls)
+
     def __init__(self, device: str, repeats: int, budget_s: float):
         self.device, self.repeats, self.budget_s = device, repeats, budget_s
+
+    def first_calls(self, fn: Callable[[], object]) -> List[float]:
+        """Times in ms of the next `first_call_count` calls of fn, each synchronised and timed on
+        its own, with no warm-up: a process's first calls (lazy loading, first-touch page faults,
+        huge-page compaction) next to the steady state the median shows.
+
+        Example: ``Timer("cpu", 5, 0.3).first_calls(lambda: None) == []`` (count 0: off).
+        """
+        times = []
+        for _ in range(self.first_call_count):
+            self._sync()
+            t0 = time.perf_counter()
+            fn()
+            self._sync()
+            times.append((time.perf_counter() - t0) * 1e3)
+        return times
 
     def __call__(self, fn: Callable[[], object]) -> float:
         fn()  # warm-up (and compilation)
@@ -122,6 +140,9 @@ def bench_dropout(device, dtype_name, numel, p, timer, with_compile, rows, log):
     rows.append(Row("dropout", "copy", "fwd", dtype_name, numel, p, copy_ms, nbytes / copy_ms / 1e6, 100.0))
 
     impls: Dict[str, Callable] = {"torch": lambda t: F.dropout(t, p), "fastdropout": lambda t: fastdropout.dropout(t, p)}
+    # First calls of the forward at this size, before anything else calls it (torch.compile's
+    # would be its compilation: not timed here).
+    first_calls = {name: timer.first_calls(lambda fn=fn: fn(x)) for name, fn in impls.items()}
     if with_compile:
         impls["torch.compile"] = _compiled(lambda t: F.dropout(t, p))
     # Backward alone: the kernel autograd runs (torch: native_dropout_backward over the stored
@@ -161,6 +182,12 @@ def bench_dropout(device, dtype_name, numel, p, timer, with_compile, rows, log):
             row.speedup_vs_torch = results["torch"][i] / row.ms
             if "torch.compile" in results and results["torch.compile"][i] is not None:
                 row.extra["speedup_vs_compile"] = results["torch.compile"][i] / row.ms
+    # fwd1st: the first call's time; fwd2-N: the slowest of calls 2..N (the steady state is fwd).
+    for name, times in first_calls.items():
+        for mode, ms in (("fwd1st", times[0] if times else None), (f"fwd2-{len(times)}", max(times[1:], default=None))):
+            if ms is not None:
+                rows.append(Row("dropout", name, mode, dtype_name, numel, p, ms, nbytes / ms / 1e6,
+                                100.0 * copy_ms / ms))
 
 
 def bench_bias_dropout_add(device, dtype_name, rows_, cols, p, timer, with_compile, rows, log):
@@ -175,6 +202,8 @@ def bench_bias_dropout_add(device, dtype_name, rows_, cols, p, timer, with_compi
     copy_ms = timer(lambda: out.copy_(x))
     pass_ms = copy_ms / 2  # one read or one write of the tensor at copy bandwidth
     esize = x.element_size()
+    first_row = len(rows)  # this shape's rows (two shapes may have one numel)
+    shape_extra = {"columns": cols}
 
     def eager(x, b, r):
         return r + F.dropout(x + b, p)
@@ -200,16 +229,24 @@ def bench_bias_dropout_add(device, dtype_name, rows_, cols, p, timer, with_compi
         # ideal: forward reads x, r and writes out (3 passes); forward+backward adds reading grad
         # and writing grad_x (5 passes; the bias reduction rides along, grad_r is grad itself).
         rows.append(Row("bias_dropout_add", name, "fwd", dtype_name, numel, p, fwd_ms, 3 * numel * esize / fwd_ms / 1e6,
-                        100.0 * 3 * pass_ms / fwd_ms, saved_bytes_per_element=saved))
+                        100.0 * 3 * pass_ms / fwd_ms, saved_bytes_per_element=saved, extra=dict(shape_extra)))
         rows.append(Row("bias_dropout_add", name, "fwd+bwd", dtype_name, numel, p, both_ms, 5 * numel * esize / both_ms / 1e6,
-                        100.0 * 5 * pass_ms / both_ms, peak_mib=peak))
-    rows.append(Row("bias_dropout_add", "ideal", "fwd", dtype_name, numel, p, 3 * pass_ms, 3 * numel * esize / (3 * pass_ms) / 1e6, 100.0))
-    rows.append(Row("bias_dropout_add", "ideal", "fwd+bwd", dtype_name, numel, p, 5 * pass_ms, 5 * numel * esize / (5 * pass_ms) / 1e6, 100.0))
-    for row in rows:
-        if row.op == "bias_dropout_add" and row.dtype == dtype_name and row.impl in results:
+                        100.0 * 5 * pass_ms / both_ms, peak_mib=peak, extra=dict(shape_extra)))
+    rows.append(Row("bias_dropout_add", "ideal", "fwd", dtype_name, numel, p, 3 * pass_ms, 3 * numel * esize / (3 * pass_ms) / 1e6, 100.0,
+                    extra=dict(shape_extra)))
+    rows.append(Row("bias_dropout_add", "ideal", "fwd+bwd", dtype_name, numel, p, 5 * pass_ms, 5 * numel * esize / (5 * pass_ms) / 1e6, 100.0,
+                    extra=dict(shape_extra)))
+    for row in rows[first_row:]:
+        if row.impl in results:
             row.speedup_vs_torch = results["torch"][("fwd", "fwd+bwd").index(row.mode)] / row.ms
             if "torch.compile" in results:
                 row.extra["speedup_vs_compile"] = results["torch.compile"][("fwd", "fwd+bwd").index(row.mode)] / row.ms
+
+
+def size_label(row: Row) -> str:
+    """numel, or ROWSxCOLS for a fused row (two shapes can have one numel)."""
+    cols = row.extra.get("columns")
+    return f"{row.numel // int(cols)}x{int(cols)}" if cols else str(row.numel)
 
 
 def format_table(rows: List[Row]) -> str:
@@ -217,7 +254,7 @@ def format_table(rows: List[Row]) -> str:
     lines = [head, "-" * len(head)]
     for r in rows:
         lines.append(
-            f"{r.op:<17}{r.impl:<14}{r.mode:<8}{r.dtype:<6}{r.numel:>11}{r.ms:>10.4f}{r.gbps:>9.1f}{r.pct_of_limit:>7.0f}%"
+            f"{r.op:<17}{r.impl:<14}{r.mode:<8}{r.dtype:<6}{size_label(r):>11}{r.ms:>10.4f}{r.gbps:>9.1f}{r.pct_of_limit:>7.0f}%"
             + (f"{r.speedup_vs_torch:>8.2f}x" if r.speedup_vs_torch else f"{'':>9}")
             + (f"{r.saved_bytes_per_element:>11.3g}" if r.saved_bytes_per_element is not None else f"{'':>11}")
             + (f"{r.peak_mib:>9.1f}" if r.peak_mib is not None else f"{'':>9}"))
@@ -261,6 +298,13 @@ def environment(device: str) -> Dict[str, str]:
     return env
 
 
+def save_json(path: str, env: Dict[str, str], p: float, rows: List[Row]) -> None:
+    """All rows so far and the environment, as --json writes them (after every configuration,
+    so that a run cut short keeps what it measured)."""
+    with open(path, "w") as f:
+        json.dump({"environment": env, "p": p, "rows": [asdict(r) for r in rows]}, f, indent=1)
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m fastdropout.bench", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -275,6 +319,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--compile-every-size", action="store_true",
                     help="time torch.compile at every size, not only the largest")
     ap.add_argument("--no-fused", action="store_true", help="skip the bias_dropout_add rows")
+    ap.add_argument("--sizes", default=None,
+                    help="comma list of log2 sizes, timed in this order (instead of --min-log2..--max-log2), e.g. 28,12,16")
+    ap.add_argument("--fused-shapes", default=None,
+                    help="comma list of ROWSxCOLS for bias_dropout_add, e.g. 65536x4096,16384x1024 (default: one shape)")
+    ap.add_argument("--first-calls", type=int, default=10,
+                    help="time the first N forward calls at each size one by one: rows fwd1st and fwd2-N (0: off)")
     ap.add_argument("--json", default=None, help="write all rows and the environment here")
     ap.add_argument("--plot", default=None, help="write a PNG chart here (needs matplotlib)")
     ap.add_argument("--threads", type=int, default=None, help="CPU threads (torch.set_num_threads)")
@@ -299,6 +349,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         sizes = list(range(args.min_log2, max_log2 + 1, 2))
         timer = Timer(device, repeats=15, budget_s=2.0)
     sizes = [s for s in sizes if args.min_log2 <= s <= max_log2]
+    if args.sizes:
+        sizes = [int(s) for s in args.sizes.split(",")]
+    timer.first_call_count = args.first_calls
 
     def log(msg):
         print(msg, file=sys.stderr, flush=True)
@@ -311,20 +364,26 @@ def main(argv: Optional[List[str]] = None) -> int:
         for s in sizes:
             # torch.compile is timed at the largest size only (each size is a fresh compilation)
             # unless --compile-every-size.
-            with_compile = not args.no_compile and (args.compile_every_size or s == sizes[-1])
+            with_compile = not args.no_compile and (args.compile_every_size or s == max(sizes))
             bench_dropout(device, dt, 1 << s, args.p, timer, with_compile, rows, log)
+            if args.json:
+                save_json(args.json, env, args.p, rows)
     if not args.no_fused:
         rows_, cols = (65536, 4096) if device == "cuda" else (4096, 4096)
         if args.quick and device == "cpu":
             rows_ = 1024
+        shapes = ([tuple(int(n) for n in shape.split("x")) for shape in args.fused_shapes.split(",")]
+                  if args.fused_shapes else [(rows_, cols)])
         for dt in (["bf16"] if "bf16" in dtypes else dtypes[:1]):
-            bench_bias_dropout_add(device, dt, rows_, cols, args.p, timer, not args.no_compile, rows, log)
+            for rows_, cols in shapes:
+                bench_bias_dropout_add(device, dt, rows_, cols, args.p, timer, not args.no_compile, rows, log)
+                if args.json:
+                    save_json(args.json, env, args.p, rows)
 
     print(f"# fastdropout.bench: {', '.join(f'{k}={v}' for k, v in env.items())}, p={args.p}")
     print(format_table(rows))
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"environment": env, "p": args.p, "rows": [asdict(r) for r in rows]}, f, indent=1)
+        save_json(args.json, env, args.p, rows)
         log(f"wrote {args.json}")
     if args.plot:
         log(f"wrote {args.plot}" if plot(rows, args.plot) else "matplotlib is not installed: no chart")
