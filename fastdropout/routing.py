@@ -300,8 +300,9 @@ def route_functional_dropout(*targets: Union[nn.Module, types.ModuleType]) -> Fu
                             f"got {type(target).__name__}")
     route = FunctionalDropoutRoute(
         n for n in names if n in sys.modules and _names_a_routed_function(sys.modules[n]))
-    for model in models:
-        _routes_by_model.setdefault(model, []).append(route)
+    with _lock:
+        for model in models:
+            _routes_by_model.setdefault(model, []).append(route)
     return route
 
 
@@ -317,7 +318,8 @@ def unroute_functional_dropout(model: nn.Module) -> int:
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"fastdropout: model must be an nn.Module, got {type(model).__name__}")
-    routes = _routes_by_model.pop(model, [])
+    with _lock:
+        routes = _routes_by_model.pop(model, [])
     removed = 0
     for route in routes:
         if route.active:
