@@ -47,20 +47,23 @@ def build_gpt2(small: bool, batch: int, seq: int) -> Tuple[torch.nn.Module, Batc
     return model, dict(input_ids=ids, labels=ids), f"GPT-2 {'tiny' if small else 'small'}, {batch} x {seq} tokens"
 
 
+def _encoder_size(small: bool) -> Dict[str, int]:
+    """BERT-base / ViT-B sizes, or a tiny stand-in for smoke tests."""
+    if small:
+        return dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128)
+    return dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072)
+
+
 def build_bert(small: bool, batch: int, seq: int) -> Tuple[torch.nn.Module, Batch, str]:
     from transformers import BertConfig, BertForMaskedLM
-    size = (dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128) if small
-            else dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072))
-    model = BertForMaskedLM(BertConfig(**size, max_position_embeddings=max(seq, 512), attn_implementation="eager"))
+    model = BertForMaskedLM(BertConfig(**_encoder_size(small), max_position_embeddings=max(seq, 512), attn_implementation="eager"))
     ids = torch.randint(0, model.config.vocab_size, (batch, seq))
     return model, dict(input_ids=ids, labels=ids), f"BERT-{'tiny' if small else 'base'} MLM, {batch} x {seq} tokens"
 
 
 def build_vit(small: bool, batch: int, image: int) -> Tuple[torch.nn.Module, Batch, str]:
     from transformers import ViTConfig, ViTForImageClassification
-    size = (dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128) if small
-            else dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072))
-    model = ViTForImageClassification(ViTConfig(**size, image_size=image, patch_size=16, num_labels=1000,
+    model = ViTForImageClassification(ViTConfig(**_encoder_size(small), image_size=image, patch_size=16, num_labels=1000,
                                                 hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1,
                                                 attn_implementation="eager"))
     batch_ = dict(pixel_values=torch.randn(batch, 3, image, image), labels=torch.randint(0, 1000, (batch,)))

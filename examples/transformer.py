@@ -1,11 +1,15 @@
 """A GPT-2-style model (Hugging Face transformers, built from a config: no weights to download)
-trained with torch's nn.Dropout and with fastdropout (replace_dropout), side by side: step time,
-tokens/s, peak memory, and both loss curves (they should agree statistically, not bit for bit:
-the masks differ).
+trained three ways, side by side: torch's dropout; fastdropout.replace_dropout(model), which
+swaps the nn.Dropout modules; and replace_dropout(model, functional=True), which also routes
+the functional attention dropout of transformers' eager attention to fastdropout. Reported:
+step time, tokens/s, peak memory, and the loss curves (they should agree statistically, not bit
+for bit: the masks differ).
 
     python examples/transformer.py                      # GPU if present: GPT-2 small-ish
     python examples/transformer.py --device cpu         # a tiny config, a minute or so
     python examples/transformer.py --steps 300 --plot gpt2.png
+    python examples/transformer.py --memory-table       # then bench/model_memory.py's table for
+                                                        # GPT-2, BERT, ViT and a timm ViT
 
 The data is a synthetic but learnable token stream (a noisy modular-arithmetic language), so
 the loss falls and the two runs can be compared.
@@ -14,7 +18,9 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -34,15 +40,22 @@ def synthetic_batch(gen, batch, seq, vocab, device):
     return tokens.to(device)
 
 
-def build(config_kwargs, device, use_fastdropout, seed):
+# label -> what replace_dropout is asked to do (None: torch's dropout throughout)
+SETUPS = {"nn.Dropout": None, "replace_dropout": dict(functional=False),
+          "+functional": dict(functional=True)}
+
+
+def build(config_kwargs, device, setup, seed):
+    """The same initial weights for every setup. A functional route is held by code (every
+    GPT-2 in the process routes while it is held): the caller removes it after the run."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(seed)
     model = GPT2LMHeadModel(GPT2Config(**config_kwargs))
-    replaced = []
-    if use_fastdropout:
-        fastdropout.replace_dropout(model, replaced=replaced)
-    return model.to(device).train(), replaced
+    replaced, routed = [], []
+    if SETUPS[setup] is not None:
+        fastdropout.replace_dropout(model, replaced=replaced, routed=routed, **SETUPS[setup])
+    return model.to(device).train(), replaced, routed
 
 
 def run(label, model, args, device, dtype):
@@ -66,7 +79,7 @@ def run(label, model, args, device, dtype):
         times.append(time.perf_counter() - t0)
         losses.append(loss.item())
         if step % max(1, args.steps // 10) == 0 or step == args.steps - 1:
-            print(f"{label:<12} step {step:4d}  loss {loss.item():.4f}  {times[-1] * 1e3:7.1f} ms", flush=True)
+            print(f"{label:<15} step {step:4d}  loss {loss.item():.4f}  {times[-1] * 1e3:7.1f} ms", flush=True)
     warm = times[min(5, len(times) - 1):]
     step_ms = statistics.median(warm) * 1e3
     peak = torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else float("nan")
@@ -83,7 +96,12 @@ def main():
     ap.add_argument("--lr", type=float, default=None, help="default 3e-4 on CUDA, 1e-3 on the CPU")
     ap.add_argument("--dropout", type=float, default=0.1)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--attn", default="eager", choices=["eager", "sdpa"],
+                    help="attention implementation; sdpa applies its dropout inside the kernel, "
+                         "where no route reaches it")
     ap.add_argument("--plot", default="transformer_dropout.png")
+    ap.add_argument("--memory-table", action="store_true",
+                    help="afterwards, run bench/model_memory.py on this device (four models)")
     args = ap.parse_args()
     device = args.device
     if device == "cuda":
@@ -96,17 +114,21 @@ def main():
         args.steps, args.batch, args.seq = args.steps or 60, args.batch or 8, args.seq or 64
         args.lr = args.lr or 1e-3
         dtype = torch.float32
-    cfg.update(vocab_size=args.vocab, bos_token_id=0, eos_token_id=0,
+    cfg.update(vocab_size=args.vocab, bos_token_id=0, eos_token_id=0, attn_implementation=args.attn,
                resid_pdrop=args.dropout, embd_pdrop=args.dropout, attn_pdrop=args.dropout)
     print(f"GPT-2 config {cfg}, batch {args.batch} x {args.seq} tokens, {args.steps} steps, {device} "
           f"{torch.cuda.get_device_name() if device == 'cuda' else ''}, torch {torch.__version__}, {dtype}")
 
     results = {}
-    for label, use_fd in (("nn.Dropout", False), ("fastdropout", True)):
-        model, replaced = build(cfg, device, use_fd, args.seed)
-        if use_fd:
-            print(f"replace_dropout swapped {len(replaced)} nn.Dropout modules")
-        results[label] = run(label, model, args, device, dtype)
+    for label in SETUPS:
+        model, replaced, routed = build(cfg, device, label, args.seed)
+        if SETUPS[label] is not None:
+            print(f"{label}: {len(replaced)} nn.Dropout modules swapped"
+                  + (f", functional dropout routed in {', '.join(routed)}" if routed else ""))
+        try:
+            results[label] = run(label, model, args, device, dtype)
+        finally:
+            fastdropout.unroute_functional_dropout(model)
         del model
         if device == "cuda":
             torch.cuda.empty_cache()
@@ -115,12 +137,13 @@ def main():
     for label, r in results.items():
         tail = r["losses"][-max(1, args.steps // 5):]
         peak = f"{r['peak_mib']:8.0f} MiB" if device == "cuda" else "     n/a"
-        print(f"  {label:<12} step {r['step_ms']:8.1f} ms   {r['tokens_per_s']:10.0f} tokens/s   "
+        print(f"  {label:<15} step {r['step_ms']:8.1f} ms   {r['tokens_per_s']:10.0f} tokens/s   "
               f"peak {peak}   mean loss of last {len(tail)} steps {statistics.mean(tail):.4f}")
-    a, b = results["nn.Dropout"], results["fastdropout"]
-    print(f"  fastdropout / nn.Dropout: step time x{b['step_ms'] / a['step_ms']:.3f}, "
-          f"peak memory x{b['peak_mib'] / a['peak_mib']:.3f}" if device == "cuda" else
-          f"  fastdropout / nn.Dropout: step time x{b['step_ms'] / a['step_ms']:.3f}")
+    a = results["nn.Dropout"]
+    for label in ("replace_dropout", "+functional"):
+        b = results[label]
+        print(f"  {label} / nn.Dropout: step time x{b['step_ms'] / a['step_ms']:.3f}"
+              + (f", peak memory x{b['peak_mib'] / a['peak_mib']:.3f}" if device == "cuda" else ""))
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -128,7 +151,7 @@ def main():
         fig, ax = plt.subplots(figsize=(7, 4))
         for label, r in results.items():
             ax.plot(r["losses"], label=label, alpha=0.8)
-        ax.set(xlabel="step", ylabel="training loss", title="GPT-2-style model: nn.Dropout vs fastdropout")
+        ax.set(xlabel="step", ylabel="training loss", title="GPT-2-style model: torch's dropout vs fastdropout")
         ax.grid(True, alpha=0.3)
         ax.legend()
         fig.tight_layout()
@@ -136,6 +159,11 @@ def main():
         print(f"wrote {args.plot}")
     except ImportError:
         print("matplotlib is not installed: no chart")
+    if args.memory_table:
+        sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+        import model_memory
+        print("\nbench/model_memory.py (saved for backward and step time, four models):", flush=True)
+        model_memory.main(["--device", device])
 
 
 if __name__ == "__main__":
