@@ -249,6 +249,46 @@ def size_label(row: Row) -> str:
     return f"{row.numel // int(cols)}x{int(cols)}" if cols else str(row.numel)
 
 
+# Code that reaches dropout as Hugging Face's attention does: through the module global ``nn``.
+_ROUTED_CODE = """
+from torch import nn
+import fastdropout
+
+def through_nn(x, p):
+    return nn.functional.dropout(x, p, True)
+
+def direct(x, p):
+    return fastdropout.dropout(x, p, True)
+"""
+
+
+def bench_routing(device, numel, p, timer, rows, log):
+    """Per-call cost of fastdropout.route_functional_dropout: the same call site timed with
+    torch's dropout, routed to fastdropout, and calling fastdropout.dropout directly. The route
+    adds one Python call (the adapter's type checks), nothing per element."""
+    import types
+    name = "fastdropout_bench_routed_code"
+    code = types.ModuleType(name)
+    sys.modules[name] = code
+    try:
+        exec(compile(_ROUTED_CODE, name, "exec"), vars(code))
+        x = torch.randn(numel, device=device)
+        out = torch.empty_like(x)
+        copy_ms = timer(lambda: out.copy_(x))
+        log(f"  routed dropout fp32 n={numel}")
+        results = {"torch": timer(lambda: code.through_nn(x, p))}
+        with fastdropout.route_functional_dropout(code):
+            results["routed"] = timer(lambda: code.through_nn(x, p))
+        results["fastdropout"] = timer(lambda: code.direct(x, p))
+    finally:
+        del sys.modules[name]
+    nbytes = 2 * numel * x.element_size()
+    for impl, ms in results.items():
+        rows.append(Row("routed_dropout", impl, "fwd", "fp32", numel, p, ms, nbytes / ms / 1e6, 100.0 * copy_ms / ms,
+                        speedup_vs_torch=results["torch"] / ms,
+                        extra={"overhead_us_vs_direct": 1e3 * (ms - results["fastdropout"])}))
+
+
 def format_table(rows: List[Row]) -> str:
     head = f"{'op':<17}{'impl':<14}{'mode':<8}{'dtype':<6}{'numel':>11}{'ms':>10}{'GB/s':>9}{'%limit':>8}{'vs torch':>9}{'saved B/el':>11}{'peak MiB':>9}"
     lines = [head, "-" * len(head)]
@@ -319,6 +359,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--compile-every-size", action="store_true",
                     help="time torch.compile at every size, not only the largest")
     ap.add_argument("--no-fused", action="store_true", help="skip the bias_dropout_add rows")
+    ap.add_argument("--no-routing", action="store_true",
+                    help="skip the rows timing a call routed by fastdropout.route_functional_dropout")
     ap.add_argument("--sizes", default=None,
                     help="comma list of log2 sizes, timed in this order (instead of --min-log2..--max-log2), e.g. 28,12,16")
     ap.add_argument("--fused-shapes", default=None,
@@ -380,6 +422,9 @@ def main(argv: Optional[List[str]] = None) -> int:
                 if args.json:
                     save_json(args.json, env, args.p, rows)
 
+    if not args.no_routing:
+        for s in sorted({sizes[0], 16}):
+            bench_routing(device, 1 << s, args.p, timer, rows, log)
     print(f"# fastdropout.bench: {', '.join(f'{k}={v}' for k, v in env.items())}, p={args.p}")
     print(format_table(rows))
     if args.json:
