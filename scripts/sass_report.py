@@ -24,7 +24,7 @@ __global__ void ..._cuda_kernel(`). A bool parameter named for vector/aligned ac
 kAligned) or an int count of columns/elements per thread (kCols, kVecSize: more than 1) decides
 for its instantiation, in any family. Without one, a kernel of the plain or fused family must
 have a vector body (item 10 of issue 9: vector body with separate head and tail), unless its
-name says scalar/unaligned/head/tail. Families are told by name: `bias_dropout_add` (fused),
+name says scalar/unaligned/head/tail, or transposed/permuted/strided (a layout kernel). Families are told by name: `bias_dropout_add` (fused),
 `bias_grad`/`reduce` (fused-reduce), `channel`, `mask`, other `dropout` kernels (plain).
 
 cuobjdump is looked for in $CUOBJDUMP, on PATH, in $CUDA_HOME/bin, $CUDA_PATH/bin, next to the
@@ -383,6 +383,8 @@ def vector_expectation(kernel: str, args: Sequence[str], params: Optional[List[T
     family = family_of(kernel)
     if re.search(r"scalar|unaligned|misaligned|head|tail|edge", kernel, re.IGNORECASE):
         return False, "scalar by name"
+    if re.search(r"transpos|permut|strided|gather|scatter", kernel, re.IGNORECASE):
+        return False, "layout kernel by name (its accesses follow the layout)"
     if params is None:
         if family not in ("plain", "fused"):
             return False, family
@@ -455,7 +457,7 @@ class KernelReport:
     inline_divs: int = 0        # integer divisions expanded inline (I2F.RP + MUFU.RCP)
     philox_muls: int = 0
     muls_before_load: Optional[int] = None   # Philox multiplies before the first (16-byte) data load
-    rng_before_data: Optional[bool] = None   # the seed/offset load is issued before the data load
+    rng_before_data: Optional[bool] = None   # a seed/offset load can run before that data load
     key_adds_thread: int = 0    # key-schedule additions in per-thread registers
     key_adds_uniform: int = 0   # ... in uniform registers
     instructions: int = 0       # static count, subroutines and NOPs excluded
@@ -574,6 +576,113 @@ def subroutines(instrs: List[Instr]) -> Dict[int, Tuple[int, int]]:
     return result
 
 
+def _branch_target(ins: Instr) -> Optional[int]:
+    m = re.search(r"0x[0-9a-f]+", ins.operands[-1]) if ins.operands else None
+    return int(m.group(0), 16) if m else None
+
+
+def _conditional(ins: Instr) -> bool:
+    """Guarded (@P0 BRA) or on a predicate operand (BRA P2, ...; BRA.U !UP0, ...)."""
+    return bool(ins.guard) or any(re.fullmatch(r"!?U?P\d", o) for o in ins.operands)
+
+
+def basic_blocks(instrs: List[Instr]) -> Tuple[Dict[int, int], Dict[int, List[int]]]:
+    """(block start -> end, block start -> successor block starts); blocks by instruction index."""
+    index = {ins.addr: k for k, ins in enumerate(instrs)}
+    enders = ("BRA", "JMP", "BRX", "JMX", "EXIT", "RET")
+    leaders = {0}
+    for k, ins in enumerate(instrs):
+        base = ins.opcode.split(".")[0]
+        if base in enders:
+            leaders.add(k + 1)
+            target = _branch_target(ins) if base in ("BRA", "JMP") else None
+            if target in index:
+                leaders.add(index[target])
+    starts = sorted(k for k in leaders if k < len(instrs))
+    bounds = {a: (starts[i + 1] if i + 1 < len(starts) else len(instrs)) for i, a in enumerate(starts)}
+    succ: Dict[int, List[int]] = {}
+    for a, b in bounds.items():
+        last = instrs[b - 1]
+        base = last.opcode.split(".")[0]
+        nxt = [b] if b < len(instrs) else []
+        if base in ("BRA", "JMP"):
+            target = _branch_target(last)
+            succ[a] = ([index[target]] if target in index else []) + (nxt if _conditional(last) else [])
+        elif base in ("EXIT", "RET"):
+            succ[a] = nxt if _conditional(last) else []
+        else:
+            succ[a] = nxt
+    return bounds, succ
+
+
+def reaches(bounds: Dict[int, int], succ: Dict[int, List[int]], src: int, dst: int) -> bool:
+    """Whether instruction dst can execute after instruction src (indices)."""
+    block_of = {k: a for a, b in bounds.items() for k in range(a, b)}
+    if block_of[src] == block_of[dst] and src < dst:
+        return True
+    seen, todo = set(), list(succ[block_of[src]])
+    while todo:
+        a = todo.pop()
+        if a == block_of[dst]:
+            return True
+        if a not in seen:
+            seen.add(a)
+            todo += succ[a]
+    return False
+
+
+def thread_taint(instrs: List[Instr], subs: Dict[int, Tuple[int, int]]) -> List[set]:
+    """For each instruction, the registers that may hold a thread-dependent value (one derived
+    from the thread or block index) just before it: a forward may-analysis over the basic
+    blocks, the union at joins. A global access whose address is thread-dependent is a data
+    access; one whose address does not is a load of state shared by all threads (seed, offset)."""
+    bounds, succ = basic_blocks(instrs)
+    starts = sorted(bounds)
+    sub_dests = {t: {d for i in instrs[x:y + 1] for d in _dest_regs(i)} for t, (x, y) in subs.items()}
+    # Per instruction, once: (registers written, registers read, reads a thread/block index,
+    # unconditional, a call's subroutine results or None).
+    effects = []
+    for ins in instrs:
+        reads = {r for o in ins.operands[_dest_operand_count(ins):] for r in _regs(o)}
+        if ins.guard:
+            reads.update(_regs(ins.guard.lstrip("@!")))
+        if _is_mem(ins.opcode, ("LDG", "LD")) and ins.operands:
+            reads.update(_address_regs(ins.operands[-1]))
+        special = bool(SPECIAL_THREAD_RE.search(", ".join(ins.operands)))
+        called = sub_dests.get(_branch_target(ins), set()) if ins.opcode.startswith("CALL") else None
+        effects.append((_dest_regs(ins), reads, special, not ins.guard, called))
+
+    def transfer(k: int, tainted: set) -> None:
+        writes, reads, special, unconditional, called = effects[k]
+        if called is not None:
+            tainted |= called  # the subroutine's results: assumed thread-dependent
+            return
+        if special or not reads.isdisjoint(tainted):
+            tainted.update(writes)
+        elif unconditional:
+            tainted.difference_update(writes)
+
+    block_in: Dict[int, set] = {a: set() for a in bounds}
+    work = list(starts)
+    while work:
+        a = work.pop(0)
+        state = set(block_in[a])
+        for k in range(a, bounds[a]):
+            transfer(k, state)
+        for s in succ[a]:
+            if not state <= block_in[s]:
+                block_in[s] |= state
+                if s not in work:
+                    work.append(s)
+    before: List[set] = [set()] * len(instrs)
+    for a in starts:
+        state = set(block_in[a])
+        for k in range(a, bounds[a]):
+            before[k] = set(state)
+            transfer(k, state)
+    return before
+
+
 def analyse(arch: str, cubin: str, mangled: str, instrs: List[Instr], usage: Dict[str, int],
             demangled: str, params_by_kernel: Dict[str, List[Tuple[str, str]]]) -> KernelReport:
     kernel, args = split_template(demangled)
@@ -593,10 +702,11 @@ def analyse(arch: str, cubin: str, mangled: str, instrs: List[Instr], usage: Dic
         if any(i.opcode.startswith("MUFU.RCP") for i in body):
             division_targets.add(target)
 
-    tainted: set = set()   # registers whose value depends on the thread (its index)
+    taint_before = thread_taint(instrs, subs)
     first_load_k: Optional[int] = None
     first_wide_load_k: Optional[int] = None
-    rng_seen_before: Dict[str, bool] = {}
+    rng_loads_at: List[int] = []
+    first_load_at = first_wide_load_at = None
     philox_seen = 0
     for k, ins in enumerate(instrs):
         op = ins.opcode
@@ -626,12 +736,7 @@ def analyse(arch: str, cubin: str, mangled: str, instrs: List[Instr], usage: Dic
             else:
                 rep.key_adds_thread += 1
 
-        # Thread-dependence: a global access whose address depends on the thread is a data
-        # access; one whose address does not is a load of the shared (seed, offset) state.
-        sources = [r for o in ins.operands[_dest_operand_count(ins):] for r in _regs(o)]
-        if ins.guard:
-            sources += _regs(ins.guard.lstrip("@!"))
-        thread_dep = any(r in tainted for r in sources) or bool(SPECIAL_THREAD_RE.search(text))
+        tainted = taint_before[k]
         if _is_mem(op, ("LDG", "LD")) and ins.operands:
             data = any(r in tainted for r in _address_regs(ins.operands[-1]))
             if data:
@@ -642,25 +747,24 @@ def analyse(arch: str, cubin: str, mangled: str, instrs: List[Instr], usage: Dic
                     rep.ld_narrow += 1
                 if first_load_k is None:
                     first_load_k = philox_seen
-                    rep.rng_before_data = rng_seen_before.get("any", False)
+                    first_load_at = k
                 if wide and first_wide_load_k is None:
                     first_wide_load_k = philox_seen
+                    first_wide_load_at = k
             else:
                 rep.rng_loads += 1
-                rng_seen_before["any"] = True
-            thread_dep = thread_dep or data
+                rng_loads_at.append(k)
         if _is_mem(op, ("STG", "ST")) and ins.operands:
             if any(r in tainted for r in _address_regs(ins.operands[0])):
                 if _is_wide(op):
                     rep.st16 += 1
                 else:
                     rep.st_narrow += 1
-        for d in _dest_regs(ins):
-            if thread_dep:
-                tainted.add(d)
-            elif not ins.guard:
-                tainted.discard(d)
     rep.muls_before_load = first_wide_load_k if first_wide_load_k is not None else first_load_k
+    data_at = first_wide_load_at if first_wide_load_at is not None else first_load_at
+    if data_at is not None:
+        bounds, succ = basic_blocks(instrs)
+        rep.rng_before_data = any(reaches(bounds, succ, r, data_at) for r in rng_loads_at)
 
     if (rep.local or 0) > 0 or (rep.stack or 0) > 0 or rep.local_instrs > 0:
         rep.failures.append(f"local memory: LOCAL={rep.local} STACK={rep.stack}, {rep.local_instrs} LDL/STL")
@@ -713,8 +817,8 @@ columns: regs = registers per thread; smem = static shared memory bytes; stack =
 instructions; ld16/st16 = 16-byte (or wider) data loads/stores; ld<16/st<16 = narrower data
 accesses; divcall = call sites of division subroutines; idiv = integer divisions inline;
 philox = Philox multiplies (20 per Philox4x32-10 call); mul<ld = Philox multiplies before the
-first 16-byte data load (first data load if none; 0 = loads issued first); rng1st = the
-(seed, offset) load comes before the data load; keyadd = key-schedule adds per thread/uniform;
+first 16-byte data load (first data load if none; 0 = loads issued first); rng1st = a
+(seed, offset) load can run before that data load (on some path); keyadd = key-schedule adds per thread/uniform;
 instr = static instructions (subroutines excluded); 16B? = req: a vector kernel that must have
 16-byte loads and stores."""
 
@@ -726,7 +830,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--cuobjdump", default=None, help="cuobjdump to use (default: searched)")
     ap.add_argument("--source-dir", default=os.path.join(REPO, "csrc"), help="CUDA sources (template parameter names)")
     ap.add_argument("--json", default=None, help="also write the per-kernel figures here")
+    ap.add_argument("--find-cuobjdump", action="store_true", help="print the cuobjdump that would be used and exit")
     args = ap.parse_args(argv)
+    if args.find_cuobjdump:
+        tool = args.cuobjdump or find_cuobjdump()
+        print(tool or "none")
+        return 0 if tool else 2
 
     so = args.extension or find_extension()
     if not so or not os.path.exists(so):

@@ -167,3 +167,25 @@ def test_vector_or_scalar_from_template_parameters():
     assert expect("dropout_cuda_kernel", ["float"], [("typename", "scalar_t")])[0]  # vector body expected
     assert not expect("keep_mask_cuda_kernel", [], [])[0]
     assert not expect("bias_grad_fan_in_cuda_kernel", ["float", "true"], [("typename", "scalar_t"), ("bool", "kFinal")])[0]
+
+
+def test_data_loads_are_told_by_dataflow_not_by_layout(tmp_path):
+    # The block at 0x40 (record the rng state, exit) redefines R4 from a constant; the data
+    # path at 0x70 is reached by the branch and still addresses through the thread's R4.
+    text = ("\tidentifier = /src/dropout.cu\n"
+            f"\t\tFunction : {MANGLED_TRUE}\n"
+            "        /*0000*/                   S2R R0, SR_TID.X ;                         /* 0x0 */\n"
+            "        /*0010*/                   IMAD.WIDE.U32 R4, R0, 0x10, RZ ;           /* 0x0 */\n"
+            "        /*0020*/                   ISETP.GE.AND P0, PT, R0, 0x10, PT ;        /* 0x0 */\n"
+            "        /*0030*/              @!P0 BRA 0x70 ;                                 /* 0x0 */\n"
+            "        /*0040*/                   LDC.64 R4, c[0x0][0x250] ;                 /* 0x0 */\n"
+            "        /*0050*/                   STG.E.64 desc[UR4][R4.64], R2 ;            /* 0x0 */\n"
+            "        /*0060*/                   EXIT ;                                     /* 0x0 */\n"
+            "        /*0070*/                   LDG.E.128 R8, desc[UR4][R4.64] ;           /* 0x0 */\n"
+            "        /*0080*/                   STG.E.128 desc[UR4][R4.64], R8 ;           /* 0x0 */\n"
+            "        /*0090*/                   EXIT ;                                     /* 0x0 */\n")
+    (cubin, mangled, instrs), = sass_report.parse_sass(text)
+    r = sass_report.analyse("sm_90", cubin, mangled, instrs, {"REG": 16, "STACK": 0, "LOCAL": 0},
+                            sass_report.demangle_all([mangled])[mangled], {})
+    assert (r.ld16, r.st16, r.st_narrow) == (1, 1, 0)  # the record store is not a data store
+    assert r.rng_before_data is False
