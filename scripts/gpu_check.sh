@@ -28,6 +28,7 @@
 #   FD_CHECK_NO_GPU=1 bash scripts/gpu_check.sh                    # without a GPU: the stages
 #                                                                  # that need none (exit 2)
 set -uo pipefail
+SELF="$(cd "$(dirname "$0")" && pwd)/$(basename "$0")"
 cd "$(dirname "$0")/.."
 
 if [ "${1:-}" = "--stage" ]; then   # one stage's body, run by run_stage under its timeout
@@ -164,7 +165,7 @@ run_stage() {
   echo "== [${SECONDS}s] $name (timeout ${limit}s) -> ${log#"$OUT"/}"
   echo "==== stage $name (timeout ${limit}s)" >> "$log"
   t0=$SECONDS
-  timeout -k "$GRACE" "$limit" bash "$0" --stage "$name" >> "$log" 2>&1
+  timeout -k "$GRACE" "$limit" bash "$SELF" --stage "$name" >> "$log" 2>&1
   rc=$?
   case $rc in
     0) status=ok ;;
