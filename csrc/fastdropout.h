@@ -32,6 +32,16 @@ struct RngRequest {
 // H*W for 2-d channel dropout). `request` set: draw a fresh (seed, offset) and record it in
 // rng_state (int64[2], on the tensors' device). `request` null: replay the one in rng_state
 // (the backward pass). Grad and forward are the same pass: grad_in = keep ? grad * scale : 0.
+// A dense layout that is a block transpose of the logical order: logically (outer, a, b), in
+// memory (outer, b, a). channels_last (N, C, H, W) is one (outer = N, a = C, b = H * W), and so
+// is the transpose of the last two dimensions of a contiguous tensor. outer == 0: the buffers
+// are contiguous (the usual case).
+struct BlockTransposed {
+  int64_t outer = 0;
+  int64_t a = 0;
+  int64_t b = 0;
+};
+
 struct DropoutPass {
   const at::Tensor* input;
   at::Tensor* output;
@@ -39,6 +49,9 @@ struct DropoutPass {
   const RngRequest* request;
   double p;
   int64_t channel_numel;
+  // CUDA only: input and output share this layout and are read and written in place of it,
+  // one pass (channel_numel is then 1, or b: one channel per (outer, a) row).
+  BlockTransposed transposed = {};
 };
 
 // out = residual + (keep ? (x + bias) * scale : 0), float32 (float64) arithmetic, rounded once.

@@ -183,6 +183,7 @@ RngPair acquire_cpu_rng(const RngRequest& request) {
 }
 
 void dropout_pass_cpu(const DropoutPass& pass) {
+  TORCH_CHECK(pass.transposed.outer == 0, "fastdropout: the CPU kernels take contiguous buffers");
   const at::Tensor& in = *pass.input;
   at::Tensor& out = *pass.output;
   const RngPair rng = resolve_rng(*pass.rng_state, pass.request);

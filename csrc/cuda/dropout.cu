@@ -99,6 +99,82 @@ dropout_inplace_cuda_kernel(scalar_t* data, int64_t numel, RngSource src, uint32
   }
 }
 
+// A block-transposed layout (logically (outer, a, b), in memory (outer, b, a): channels_last)
+// in one pass. Thread t owns 8 consecutive b of one (outer, a) row, a varying fastest across
+// threads so that each of its 8 loads and stores is coalesced across the warp. The 8 logical
+// indices are consecutive: one Philox call, two where they straddle a group boundary (b not a
+// multiple of 8). kChannelRows: channel dropout with one channel per (outer, a) row.
+template <typename scalar_t, bool kChannelRows>
+__global__ void __launch_bounds__(kThreads)
+dropout_block_transposed_cuda_kernel(const scalar_t* __restrict__ in, scalar_t* __restrict__ out,
+                                     int64_t a_size, int64_t b_size, int64_t threads,
+                                     at::cuda::detail::IntDivider<uint32_t> by_a,
+                                     at::cuda::detail::IntDivider<uint32_t> by_b_groups,
+                                     RngSource src, uint32_t threshold,
+                                     acc_type_t<scalar_t> scale) {
+  const int64_t t = thread_group();
+  if (t >= threads) {
+    resolve_rng(src);
+    return;
+  }
+  const auto a_split = by_a.divmod(static_cast<uint32_t>(t));
+  const auto b_split = by_b_groups.divmod(a_split.div);
+  const int64_t a = a_split.mod;
+  const int64_t b0 = int64_t{b_split.mod} * kElementsPerPhilox;
+  const int64_t outer = b_split.div;
+  const int count = static_cast<int>(std::min<int64_t>(kElementsPerPhilox, b_size - b0));
+  const int64_t first = (outer * b_size + b0) * a_size + a;  // memory position of element 0
+  scalar_t values[kElementsPerPhilox];
+#pragma unroll
+  for (int j = 0; j < kElementsPerPhilox; ++j) {
+    values[j] = j < count ? in[first + j * a_size] : scalar_t(0);
+  }
+  const RngPair rng = resolve_rng(src);
+  const int64_t row = outer * a_size + a;
+  uint32_t bits;
+  if (kChannelRows) {
+    bits = keep_element(rng.seed, rng.offset, row, threshold) ? 0xFFu : 0u;
+  } else {
+    const int64_t logical = row * b_size + b0;
+    const int64_t group = logical / kElementsPerPhilox;
+    const int shift = static_cast<int>(logical % kElementsPerPhilox);
+    bits = keep_bits8(rng.seed, rng.offset, group, threshold);
+    if (shift + count > kElementsPerPhilox) {
+      bits |= keep_bits8(rng.seed, rng.offset, group + 1, threshold) << kElementsPerPhilox;
+    }
+    bits >>= shift;
+  }
+#pragma unroll
+  for (int j = 0; j < kElementsPerPhilox; ++j) {
+    if (j < count) out[first + j * a_size] = apply_keep((bits >> j) & 1u, values[j], scale);
+  }
+}
+
+template <typename scalar_t>
+void launch_block_transposed(const DropoutPass& pass, const RngSource& src, uint32_t threshold,
+                             cudaStream_t stream) {
+  const BlockTransposed& layout = pass.transposed;
+  const int64_t b_groups = ceil_div(layout.b, kElementsPerPhilox);
+  const int64_t threads = layout.outer * b_groups * layout.a;
+  TORCH_CHECK(threads <= std::numeric_limits<uint32_t>::max() &&
+                  layout.a < (int64_t{1} << 31) && b_groups < (int64_t{1} << 31),
+              "fastdropout: layout too large for the one-pass transposed kernel");
+  const auto scale = keep_scale<acc_type_t<scalar_t>>(pass.p);
+  const at::cuda::detail::IntDivider<uint32_t> by_a(static_cast<uint32_t>(layout.a));
+  const at::cuda::detail::IntDivider<uint32_t> by_b_groups(static_cast<uint32_t>(b_groups));
+  const dim3 grid(static_cast<unsigned>(std::max<int64_t>(1, ceil_div(threads, kThreads))));
+  const scalar_t* in = pass.input->const_data_ptr<scalar_t>();
+  scalar_t* out = pass.output->mutable_data_ptr<scalar_t>();
+  if (pass.channel_numel == 1) {
+    dropout_block_transposed_cuda_kernel<scalar_t, false><<<grid, kThreads, 0, stream>>>(
+        in, out, layout.a, layout.b, threads, by_a, by_b_groups, src, threshold, scale);
+  } else {
+    TORCH_CHECK(pass.channel_numel == layout.b, "fastdropout: channel_numel must be b here");
+    dropout_block_transposed_cuda_kernel<scalar_t, true><<<grid, kThreads, 0, stream>>>(
+        in, out, layout.a, layout.b, threads, by_a, by_b_groups, src, threshold, scale);
+  }
+}
+
 // The keep mask as bools; 8 bytes per thread, one 8-byte store where aligned.
 __global__ void __launch_bounds__(kThreads)
 keep_mask_cuda_kernel(bool* __restrict__ mask, int64_t numel, RngSource src, uint32_t threshold) {
@@ -124,7 +200,8 @@ keep_mask_cuda_kernel(bool* __restrict__ mask, int64_t numel, RngSource src, uin
 
 void dropout_pass_cuda(const DropoutPass& pass) {
   using namespace cuda;
-  if (pass.channel_numel != 1) return channel_dropout_pass_cuda(pass);
+  const bool transposed = pass.transposed.outer != 0;
+  if (pass.channel_numel != 1 && !transposed) return channel_dropout_pass_cuda(pass);
   const at::Tensor& in = *pass.input;
   at::Tensor& out = *pass.output;
   const c10::cuda::CUDAGuard guard(in.device());
@@ -132,6 +209,13 @@ void dropout_pass_cuda(const DropoutPass& pass) {
   const uint32_t threshold = drop_threshold(pass.p);
   const int64_t numel = in.numel();
   const auto stream = at::cuda::getCurrentCUDAStream();
+  if (transposed) {
+    FD_DISPATCH_FLOAT_TYPES(in.scalar_type(), "dropout_block_transposed_cuda", [&] {
+      launch_block_transposed<scalar_t>(pass, src, threshold, stream);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+    return;
+  }
   const dim3 grid = group_grid(numel);
   FD_DISPATCH_FLOAT_TYPES(in.scalar_type(), "dropout_cuda", [&] {
     const auto scale = keep_scale<acc_type_t<scalar_t>>(pass.p);
