@@ -7,6 +7,8 @@
 
 #include <cmath>
 #include <cstddef>
+#include <optional>
+#include <vector>
 #include <type_traits>
 #include <utility>
 
@@ -111,9 +113,61 @@ void run_pass(const DropoutPass& pass) {
   on_device(*pass.input, dropout_pass_cpu, FD_CUDA_KERNEL(dropout_pass_cuda), pass);
 }
 
-// One pass from `input` into a fresh output, computed on contiguous buffers.
+// Whether t's memory is a block transpose of its logical order (see BlockTransposed): its dims,
+// size-1 dims aside, split into [outer | a | b] with memory order outer, b, a, each group
+// row-major. Tried over every split; a few dims at most.
+std::optional<BlockTransposed> block_transposed_layout(const Tensor& t) {
+  std::vector<int64_t> sizes, strides;
+  for (int64_t d = 0; d < t.dim(); ++d) {
+    if (t.size(d) != 1) {
+      sizes.push_back(t.size(d));
+      strides.push_back(t.stride(d));
+    }
+  }
+  const int64_t m = static_cast<int64_t>(sizes.size());
+  // dims [lo, hi) row-major with innermost stride `inner`
+  auto row_major = [&](int64_t lo, int64_t hi, int64_t inner) {
+    int64_t expect = inner;
+    for (int64_t d = hi - 1; d >= lo; --d) {
+      if (strides[d] != expect) return false;
+      expect *= sizes[d];
+    }
+    return true;
+  };
+  auto product = [&](int64_t lo, int64_t hi) {
+    int64_t n = 1;
+    for (int64_t d = lo; d < hi; ++d) n *= sizes[d];
+    return n;
+  };
+  for (int64_t k1 = 0; k1 < m; ++k1) {
+    for (int64_t k2 = k1 + 1; k2 < m; ++k2) {
+      const int64_t a = product(k1, k2), b = product(k2, m);
+      if (row_major(k1, k2, 1) && row_major(k2, m, a) && row_major(0, k1, a * b)) {
+        return BlockTransposed{product(0, k1), a, b};
+      }
+    }
+  }
+  return std::nullopt;
+}
+
+// One pass from `input` into a fresh output, computed on contiguous buffers, or on CUDA in
+// place of a block-transposed layout (channels_last): one pass in and one out instead of a
+// copy to contiguous, the pass, and a copy back.
 Tensor run_pass_out_of_place(const Tensor& input, const Tensor& rng_state,
                              const RngRequest* request, double p, int64_t channel_numel) {
+  if (input.is_cuda() && !input.is_contiguous()) {
+    if (const auto layout = block_transposed_layout(input)) {
+      const int64_t threads = layout->outer * ((layout->b + 7) / 8) * layout->a;  // see kernel
+      if ((channel_numel == 1 || channel_numel == layout->b) && threads <= UINT32_MAX &&
+          layout->a < (int64_t{1} << 31)) {
+        Tensor out = new_output_like(input);
+        if (out.strides() == input.strides()) {
+          run_pass(DropoutPass{&input, &out, &rng_state, request, p, channel_numel, *layout});
+          return out;
+        }
+      }
+    }
+  }
   const Tensor in = input.contiguous();
   OutputBuffer output(input, in);
   run_pass(DropoutPass{&in, &output.work, &rng_state, request, p, channel_numel});
