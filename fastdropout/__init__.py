@@ -9,6 +9,7 @@ Example::
 """
 from ._version import __version__
 from ._ops import cuda_kernels_built
+from .diagnostics import system_info
 from .functional import (
     bias_dropout_add,
     dropout,
@@ -26,6 +27,7 @@ from .routing import FunctionalDropoutRoute, route_functional_dropout, unroute_f
 __all__ = [
     "__version__",
     "cuda_kernels_built",
+    "system_info",
     "dropout",
     "dropout1d",
     "dropout2d",

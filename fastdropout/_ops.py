@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from . import _C  # noqa: F401  (registers torch.ops.fastdropout.*)
+from ._loader import _C  # noqa: F401  (registers torch.ops.fastdropout.*; a torch mismatch is a plain ImportError)
 
 ops = torch.ops.fastdropout
 
