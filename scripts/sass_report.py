@@ -582,8 +582,11 @@ def _branch_target(ins: Instr) -> Optional[int]:
 
 
 def _conditional(ins: Instr) -> bool:
-    """Guarded (@P0 BRA) or on a predicate operand (BRA P2, ...; BRA.U !UP0, ...)."""
-    return bool(ins.guard) or any(re.fullmatch(r"!?U?P\d", o) for o in ins.operands)
+    """Whether execution may also fall through: anything but a plain `BRA 0x...` / `EXIT`
+    (guarded, on a predicate operand as in `BRA.U !UP0, 0x...`, or a variant like BRA.DIV).
+    Erring towards 'may' only adds edges, which the may-analysis tolerates."""
+    plain = ins.opcode in ("BRA", "JMP", "EXIT", "RET", "RET.REL.NODEC", "RET.ABS.NODEC")
+    return bool(ins.guard) or not plain or (ins.opcode in ("BRA", "JMP") and len(ins.operands) > 1)
 
 
 def basic_blocks(instrs: List[Instr]) -> Tuple[Dict[int, int], Dict[int, List[int]]]:
