@@ -51,8 +51,8 @@ fi
 
 if [ "${FD_MODEL_TESTS:-1}" != "0" ] && ! { have transformers && have timm; }; then
   echo "== installing the model libraries (tests/requirements-models.txt)"
-  held="$(mktemp)"
-  "$py" -c 'import torch; print("torch==" + torch.__version__)' > "$held"
+  held="$(mktemp)"   # torch pinned by its distribution version (torch.__version__ may add +cu130)
+  "$py" -c 'from importlib.metadata import version; print("torch==" + version("torch"))' > "$held"
   pip_install -r tests/requirements-models.txt -c "$held"
   rm -f "$held"
   # timm imports torchvision, and the torchvision wheels served for some torch releases are
