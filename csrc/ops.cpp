@@ -7,6 +7,9 @@
 
 #include <cmath>
 #include <cstddef>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
 #include <optional>
 #include <vector>
 #include <type_traits>
@@ -14,6 +17,7 @@
 
 #if defined(__linux__)
 #include <sys/mman.h>
+#include <unistd.h>
 #endif
 
 #include "fastdropout.h"
@@ -56,9 +60,45 @@ void check_rng_state(const Tensor& rng_state, const Tensor& like) {
               rng_state.device(), " but the tensor is on ", like.device());
 }
 
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+// How many 2 MiB blocks the kernel's free lists hold right now (/proc/buddyinfo: free blocks of
+// each order, order k being 2^k pages; with 4 KiB pages, orders 9 and up are 2 MiB or more),
+// or -1 when that cannot be read.
+int64_t free_huge_page_blocks() {
+  if (sysconf(_SC_PAGESIZE) != 4096) return -1;
+  std::FILE* f = std::fopen("/proc/buddyinfo", "r");
+  if (f == nullptr) return -1;
+  int64_t blocks = 0;
+  char line[512];
+  while (std::fgets(line, sizeof line, f) != nullptr) {
+    // "Node 0, zone   Normal   n0 n1 ... n10"
+    const char* p = std::strstr(line, "zone");
+    if (p == nullptr) continue;
+    p += 4;
+    while (*p == ' ') ++p;
+    while (*p != ' ' && *p != '\0') ++p;  // the zone's name
+    for (int order = 0;; ++order) {
+      char* end = nullptr;
+      const long long count = std::strtoll(p, &end, 10);
+      if (end == p) break;
+      if (order >= 9) blocks += count << (order - 9);
+      p = end;
+    }
+  }
+  std::fclose(f);
+  return blocks;
+}
+#endif
+
 // Fresh CPU outputs of a few MiB or more are advised as transparent huge pages before their
 // first touch: on a 2-core machine the 4 KiB page faults of a new 64 MiB output cost more than
-// the whole dropout pass. (PyTorch's own allocator does the same under THP_MEM_ALLOC_ENABLE=1.)
+// the whole dropout pass (PyTorch's own allocator does the same under THP_MEM_ALLOC_ENABLE=1).
+// But where the kernel's THP defrag setting is "madvise" (the default), a fault in an advised
+// range that finds no free 2 MiB block compacts memory on the spot: the first calls of a process
+// then stalled for 60-120 ms. So the advice is given only while the free lists already hold
+// twice the blocks the output needs (no compaction needed); otherwise the output takes 4 KiB
+// pages, as without the advice. Reading /proc/buddyinfo costs tens of microseconds, against
+// milliseconds for an output this size.
 Tensor advise_huge_pages(Tensor t) {
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
   constexpr uintptr_t kHugePage = uintptr_t{1} << 21;
@@ -66,7 +106,10 @@ Tensor advise_huge_pages(Tensor t) {
     const auto begin = reinterpret_cast<uintptr_t>(t.data_ptr());
     const uintptr_t first = (begin + kHugePage - 1) & ~(kHugePage - 1);
     const uintptr_t last = (begin + t.nbytes()) & ~(kHugePage - 1);
-    if (last > first) madvise(reinterpret_cast<void*>(first), last - first, MADV_HUGEPAGE);
+    const auto needed = static_cast<int64_t>((last - first) / kHugePage);
+    if (last > first && free_huge_page_blocks() >= 2 * needed) {
+      madvise(reinterpret_cast<void*>(first), last - first, MADV_HUGEPAGE);
+    }
   }
 #endif
   return t;
@@ -157,9 +200,7 @@ Tensor run_pass_out_of_place(const Tensor& input, const Tensor& rng_state,
                              const RngRequest* request, double p, int64_t channel_numel) {
   if (input.is_cuda() && !input.is_contiguous()) {
     if (const auto layout = block_transposed_layout(input)) {
-      const int64_t threads = layout->outer * ((layout->b + 7) / 8) * layout->a;  // see kernel
-      if ((channel_numel == 1 || channel_numel == layout->b) && threads <= UINT32_MAX &&
-          layout->a < (int64_t{1} << 31)) {
+      if (channel_numel == 1 || channel_numel == layout->b) {
         Tensor out = new_output_like(input);
         if (out.strides() == input.strides()) {
           run_pass(DropoutPass{&input, &out, &rng_state, request, p, channel_numel, *layout});
