@@ -18,13 +18,17 @@ Models, built from configs (no weights, no downloads; needs transformers and tim
 
 "saved for backward" is every tensor autograd keeps for the backward of one training step
 (torch.autograd.graph.saved_tensors_hooks), each storage counted once, parameters included.
-Step time is forward + backward (no optimizer), the median of --steps after one warm-up step.
-On CUDA the peak allocated memory of a step is reported too. The same model object (same
-weights) goes through the three setups in turn; the route is removed at the end.
+Step time is forward + backward (no optimizer), the median of --steps rounds, each round timing
+one step of each setup in turn (so a machine whose speed drifts slows them alike), after one
+warm-up step each. On CUDA the peak allocated memory of a step is reported too. torch's model and
+a copy of it (same weights) with fastdropout's modules are both resident; the route is held only
+while the third setup steps.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
+import copy
 import json
 import platform
 import statistics
@@ -112,34 +116,56 @@ def saved_for_backward(step: Callable[[], torch.Tensor]) -> Tuple[int, torch.Ten
     return sum(storages.values()), loss
 
 
-def measure(model: torch.nn.Module, batch: Batch, steps: int, device: str, autocast_dtype) -> Dict[str, float]:
-    def step() -> torch.Tensor:
-        with torch.autocast(device, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
-            return model(**batch).loss
+class Setup:
+    """One of the three setups: a model (torch's, or a copy with fastdropout's modules) and
+    whether its functional dropout is routed while it steps."""
 
+    def __init__(self, model: torch.nn.Module, route: bool):
+        self.model, self.route = model, route
+
+    def step(self, batch: Batch, device: str, autocast_dtype) -> torch.Tensor:
+        self.model.zero_grad(set_to_none=True)
+        route = fastdropout.route_functional_dropout(self.model) if self.route else contextlib.nullcontext()
+        with route, torch.autocast(device, dtype=autocast_dtype or torch.float32,
+                                   enabled=autocast_dtype is not None):
+            return self.model(**batch).loss
+
+
+def measure(setups: Dict[str, Setup], batch: Batch, steps: int, device: str, autocast_dtype,
+            log) -> Dict[str, Dict[str, object]]:
+    """Saved bytes of each setup (that step is also its warm-up), then ``steps`` rounds that
+    time one step of each setup in turn: a machine whose speed drifts affects them alike."""
     def sync():
         if device == "cuda":
             torch.cuda.synchronize()
 
-    model.zero_grad(set_to_none=True)
-    saved, loss = saved_for_backward(step)  # also the warm-up step
-    loss.backward()
-    del loss
-    times = []
-    peak = None
-    for _ in range(steps):
-        model.zero_grad(set_to_none=True)
-        sync()
-        if device == "cuda":
-            torch.cuda.reset_peak_memory_stats()
-            base = torch.cuda.memory_allocated()
-        t0 = time.perf_counter()
-        step().backward()
-        sync()
-        times.append(time.perf_counter() - t0)
-        if device == "cuda":
-            peak = (torch.cuda.max_memory_allocated() - base) / 2**20
-    return dict(saved_mib=saved / 2**20, step_s=statistics.median(times), peak_mib=peak)
+    out: Dict[str, Dict[str, object]] = {}
+    for name, setup in setups.items():
+        log(f"  {name}: saved for backward")
+        saved, loss = saved_for_backward(lambda: setup.step(batch, device, autocast_dtype))
+        with (fastdropout.route_functional_dropout(setup.model) if setup.route else contextlib.nullcontext()):
+            loss.backward()  # the route must hold for a backward that recomputes (checkpointing)
+        del loss
+        out[name] = dict(saved_mib=saved / 2**20, step_times_s=[], peak_mib=None)
+    for round_ in range(steps):
+        log(f"  timing round {round_ + 1} of {steps}")
+        for name, setup in setups.items():
+            sync()
+            if device == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+                base = torch.cuda.memory_allocated()
+            t0 = time.perf_counter()
+            loss = setup.step(batch, device, autocast_dtype)
+            with (fastdropout.route_functional_dropout(setup.model) if setup.route else contextlib.nullcontext()):
+                loss.backward()
+            sync()
+            out[name]["step_times_s"].append(time.perf_counter() - t0)
+            if device == "cuda":
+                out[name]["peak_mib"] = (torch.cuda.max_memory_allocated() - base) / 2**20
+            del loss
+    for result in out.values():
+        result["step_s"] = statistics.median(result["step_times_s"])
+    return out
 
 
 def run_model(name: str, args, log) -> Dict[str, object]:
@@ -149,20 +175,18 @@ def run_model(name: str, args, log) -> Dict[str, object]:
     model = model.to(args.device).train()
     batch = {k: v.to(args.device) for k, v in batch.items()}
     params_mib = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
-    result: Dict[str, object] = dict(model=name, label=label, params_mib=params_mib)
-    log(f"{label}: torch's dropout")
-    result["torch"] = measure(model, batch, args.steps, args.device, args.autocast)
-    replaced, routed = [], []
-    fastdropout.replace_dropout(model, replaced=replaced)
-    log(f"{label}: replace_dropout ({len(replaced)} modules)")
-    result["replace_dropout"] = measure(model, batch, args.steps, args.device, args.autocast)
-    fastdropout.replace_dropout(model, functional=True, routed=routed)
-    try:
-        log(f"{label}: + functional route ({', '.join(routed) or 'no module calls it'})")
-        result["functional"] = measure(model, batch, args.steps, args.device, args.autocast)
-    finally:
-        fastdropout.unroute_functional_dropout(model)
-    result.update(modules_swapped=len(replaced), modules_routed=routed)
+    swapped = copy.deepcopy(model)  # same weights
+    replaced = []
+    fastdropout.replace_dropout(swapped, replaced=replaced)
+    with fastdropout.route_functional_dropout(swapped) as route:
+        routed = list(route.modules)
+    log(f"{label}: {len(replaced)} modules swapped; functional dropout routed in "
+        f"{', '.join(routed) or 'no module (none calls it)'}")
+    setups = {"torch": Setup(model, False), "replace_dropout": Setup(swapped, False),
+              "functional": Setup(swapped, True)}
+    result: Dict[str, object] = dict(model=name, label=label, params_mib=params_mib,
+                                     modules_swapped=len(replaced), modules_routed=routed)
+    result.update(measure(setups, batch, args.steps, args.device, args.autocast, log))
     return result
 
 
@@ -203,7 +227,7 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() and fastdropout.cuda_kernels_built() else "cpu")
     ap.add_argument("--batch", type=int, default=None, help="default per model: gpt2 1, bert 2, vit 8, timm_vit 8")
     ap.add_argument("--seq", type=int, default=None, help="tokens (gpt2 1024, bert 512) or image size (224)")
-    ap.add_argument("--steps", type=int, default=2, help="timed steps per setup, after one warm-up step")
+    ap.add_argument("--steps", type=int, default=3, help="timing rounds (one step of each setup per round)")
     ap.add_argument("--bf16", action="store_true", help="autocast to bfloat16 (default on CUDA)")
     ap.add_argument("--small", action="store_true", help="tiny configs: a smoke test")
     ap.add_argument("--json", default=None)
@@ -220,7 +244,7 @@ def main(argv=None) -> int:
     env = environment(args.device)
     results = [run_model(n, args, log) for n in names]
     print(f"# bench/model_memory.py: {', '.join(f'{k}={v}' for k, v in env.items())}, "
-          f"{'bf16 autocast' if args.autocast else 'fp32'}, median of {args.steps} steps")
+          f"{'bf16 autocast' if args.autocast else 'fp32'}, step time: median of {args.steps} rounds")
     print(format_table(results, args.device))
     if args.json:
         with open(args.json, "w") as f:

@@ -7,6 +7,7 @@ model's tests skip without its library."""
 import contextlib
 import math
 import statistics
+import sys
 
 import pytest
 import torch
@@ -90,7 +91,6 @@ def fastdropout_everywhere(model):
     finally:
         fastdropout.unroute_functional_dropout(model)
         for name in routed:
-            import sys
             assert sys.modules[name].nn is torch.nn  # torch's objects are back
 
 
