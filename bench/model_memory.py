@@ -123,11 +123,15 @@ class Setup:
     def __init__(self, model: torch.nn.Module, route: bool):
         self.model, self.route = model, route
 
+    def routed(self):
+        """The functional route while this setup runs (its backward too: a checkpointed model
+        recomputes there), or nothing."""
+        return fastdropout.route_functional_dropout(self.model) if self.route else contextlib.nullcontext()
+
     def step(self, batch: Batch, device: str, autocast_dtype) -> torch.Tensor:
         self.model.zero_grad(set_to_none=True)
-        route = fastdropout.route_functional_dropout(self.model) if self.route else contextlib.nullcontext()
-        with route, torch.autocast(device, dtype=autocast_dtype or torch.float32,
-                                   enabled=autocast_dtype is not None):
+        with self.routed(), torch.autocast(device, dtype=autocast_dtype or torch.float32,
+                                           enabled=autocast_dtype is not None):
             return self.model(**batch).loss
 
 
@@ -143,8 +147,8 @@ def measure(setups: Dict[str, Setup], batch: Batch, steps: int, device: str, aut
     for name, setup in setups.items():
         log(f"  {name}: saved for backward")
         saved, loss = saved_for_backward(lambda: setup.step(batch, device, autocast_dtype))
-        with (fastdropout.route_functional_dropout(setup.model) if setup.route else contextlib.nullcontext()):
-            loss.backward()  # the route must hold for a backward that recomputes (checkpointing)
+        with setup.routed():
+            loss.backward()
         del loss
         out[name] = dict(saved_mib=saved / 2**20, step_times_s=[], peak_mib=None)
     for round_ in range(steps):
@@ -156,7 +160,7 @@ def measure(setups: Dict[str, Setup], batch: Batch, steps: int, device: str, aut
                 base = torch.cuda.memory_allocated()
             t0 = time.perf_counter()
             loss = setup.step(batch, device, autocast_dtype)
-            with (fastdropout.route_functional_dropout(setup.model) if setup.route else contextlib.nullcontext()):
+            with setup.routed():
                 loss.backward()
             sync()
             out[name]["step_times_s"].append(time.perf_counter() - t0)
