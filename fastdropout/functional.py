@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import warnings
 from typing import Optional, Sequence, Tuple, Union
 
 import torch
@@ -80,35 +81,17 @@ def _rng_args(x: torch.Tensor, seed, offset, generator) -> Tuple[Optional[int], 
     return _to_int64(seed, "seed"), _to_int64(offset, "offset")
 
 
-class _InplaceDropout(torch.autograd.Function):
-    """In-place dropout under autograd: the tensor is overwritten and marked dirty, as with
-    torch's dropout(inplace=True); backward replays the mask from the saved (seed, offset)."""
-
-    @staticmethod
-    def forward(ctx, x, p, seed, offset, generator, channel_numel):
-        rng_state = ops.dropout_(x, p, seed, offset, generator, channel_numel)
-        ctx.mark_dirty(x)
-        ctx.save_for_backward(rng_state)
-        ctx.p, ctx.channel_numel = p, channel_numel
-        return x
-
-    @staticmethod
-    def backward(ctx, grad):
-        (rng_state,) = ctx.saved_tensors
-        return ops.dropout_backward(grad, rng_state, ctx.p, ctx.channel_numel), None, None, None, None, None
-
-
 def _run(x: torch.Tensor, p: float, inplace: bool, seed, offset, generator,
          channel_numel: int) -> torch.Tensor:
     seed, offset = _rng_args(x, seed, offset, generator)
     if not inplace:
         return ops.dropout(x, p, seed, offset, generator, channel_numel)[0]
-    if torch.is_grad_enabled() and x.requires_grad:
-        if x.is_leaf:
-            raise RuntimeError(
-                "fastdropout: inplace=True on a leaf tensor that requires grad (x); "
-                "use inplace=False or apply it to a non-leaf tensor")
-        return _InplaceDropout.apply(x, p, seed, offset, generator, channel_numel)
+    if x.requires_grad and x.is_leaf and torch.is_grad_enabled():
+        raise RuntimeError(
+            "fastdropout: inplace=True on a leaf tensor that requires grad (x); "
+            "use inplace=False or apply it to a non-leaf tensor")
+    # Autograd (history rebased onto x, version bumped) and forward AD (x's tangent masked in
+    # place) happen in the op's C++ autograd kernel.
     ops.dropout_(x, p, seed, offset, generator, channel_numel)
     return x
 
@@ -151,16 +134,29 @@ def dropout(x: torch.Tensor, p: float = 0.5, training: bool = True, inplace: boo
 def feature_dropout(x: torch.Tensor, p: float = 0.5, training: bool = True,
                     inplace: bool = False, *, seed: Optional[int] = None, offset: int = 0,
                     generator: Optional[torch.Generator] = None) -> torch.Tensor:
-    """Channel dropout over dims (N, C, ...): whole channels are zeroed, the keep bit of
-    channel (n, c) being the contract's bit for mask index ``n * C + c``."""
+    """Channel dropout over dims (N, C, ...), as :func:`torch.feature_dropout`: whole channels
+    are zeroed, the keep bit of channel (n, c) being the contract's bit for mask index
+    ``n * C + c``. Like torch, an input of fewer than 2 dimensions is an error only when a mask
+    would be drawn (training, 0 < p < 1, non-empty); p = 1 zeroes it.
+
+    Example::
+
+        >>> y = fastdropout.feature_dropout(torch.ones(2, 3, 4), p=0.5, seed=0)
+        >>> bool(((y == 0).all(-1) | (y != 0).all(-1)).all())  # whole channels
+        True
+    """
     p = _check_p(p)
     _check_tensor(x, "x")
-    if x.dim() < 2:
-        raise ValueError(
-            f"fastdropout: channel dropout needs an input of at least 2 dimensions (N, C, ...), got {x.dim()}")
     if not training or p == 0.0 or x.numel() == 0:
         return x
-    channel_numel = math.prod(x.shape[2:])
+    if x.dim() >= 2:
+        channel_numel = math.prod(x.shape[2:])
+    elif p == 1.0:
+        channel_numel = 1
+    else:
+        raise RuntimeError(
+            "Feature dropout requires at least 2 dimensions in the input "
+            f"(fastdropout: x is {x.dim()}-D; channels are dimension 1 of (N, C, ...))")
     return _run(x, p, inplace, seed, offset, generator, channel_numel)
 
 
@@ -168,23 +164,52 @@ def dropout1d(x: torch.Tensor, p: float = 0.5, training: bool = True, inplace: b
               seed: Optional[int] = None, offset: int = 0,
               generator: Optional[torch.Generator] = None) -> torch.Tensor:
     """Channel dropout for (N, C, L) or unbatched (C, L) inputs, as
-    :func:`torch.nn.functional.dropout1d`."""
+    :func:`torch.nn.functional.dropout1d` (any other rank: RuntimeError, as in torch).
+
+    Example::
+
+        >>> y = fastdropout.dropout1d(torch.ones(2, 3, 4), p=0.5, seed=0)
+    """
     p = _check_p(p)
     _check_tensor(x, "x")
     if x.dim() not in (2, 3):
-        raise ValueError(f"fastdropout: dropout1d expects a 2-D (C, L) or 3-D (N, C, L) input x, got {x.dim()}-D")
+        raise RuntimeError(
+            f"dropout1d: Expected 2D or 3D input, but received a {x.dim()}D input "
+            "(fastdropout: x must be (C, L) or (N, C, L))")
     return _channels(x, 3, p, training, inplace, seed, offset, generator)
+
+
+def _warn_rank(name: str, x: torch.Tensor, usual: Tuple[int, int]) -> None:
+    """torch accepts other ranks for dropout2d/dropout3d with a deprecation warning; so do we,
+    with the same first sentence (which torch's tests match)."""
+    if x.dim() not in usual:
+        warnings.warn(
+            f"{name}: Received a {x.dim()}-D input to {name}, which is deprecated and will "
+            f"result in an error in a future release (as in torch; it expects "
+            f"{usual[0]}-D or {usual[1]}-D input). fastdropout applies torch's behaviour for "
+            "this rank; use dropout for element-wise dropout.", stacklevel=3)
 
 
 def dropout2d(x: torch.Tensor, p: float = 0.5, training: bool = True, inplace: bool = False, *,
               seed: Optional[int] = None, offset: int = 0,
               generator: Optional[torch.Generator] = None) -> torch.Tensor:
-    """Channel dropout for (N, C, H, W) inputs, as :func:`torch.nn.functional.dropout2d`
-    (which, for 3-D inputs, drops channels of (N, C, L): so does this)."""
+    """Channel dropout for (N, C, H, W) inputs, as :func:`torch.nn.functional.dropout2d`:
+    like torch, 3-D input is taken as (N, C, L) (with torch's warning), and other ranks warn
+    and drop channels of dimension 1.
+
+    Example::
+
+        >>> y = fastdropout.dropout2d(torch.ones(2, 3, 4, 4), p=0.5, seed=0)
+    """
     p = _check_p(p)
     _check_tensor(x, "x")
-    if x.dim() not in (3, 4):
-        raise ValueError(f"fastdropout: dropout2d expects a 3-D or 4-D input x, got {x.dim()}-D")
+    _warn_rank("dropout2d", x, (3, 4))
+    if x.dim() == 3:
+        warnings.warn(
+            "dropout2d: Received a 3D input to dropout2d and assuming that channel-wise 1D "
+            "dropout behavior is desired - x is taken as (N, C, L), as torch does today (torch "
+            "plans to read it as an unbatched (C, H, W) in a future release); use dropout1d "
+            "to keep this behaviour.", stacklevel=2)
     return feature_dropout(x, p, training, inplace, seed=seed, offset=offset, generator=generator)
 
 
@@ -192,16 +217,22 @@ def dropout3d(x: torch.Tensor, p: float = 0.5, training: bool = True, inplace: b
               seed: Optional[int] = None, offset: int = 0,
               generator: Optional[torch.Generator] = None) -> torch.Tensor:
     """Channel dropout for (N, C, D, H, W) or unbatched (C, D, H, W) inputs, as
-    :func:`torch.nn.functional.dropout3d`."""
+    :func:`torch.nn.functional.dropout3d`; like torch, any rank other than 5 is taken as
+    unbatched (a batch dimension of 1 is added), other ranks than 4 and 5 with a warning.
+
+    Example::
+
+        >>> y = fastdropout.dropout3d(torch.ones(2, 3, 2, 2, 2), p=0.5, seed=0)
+    """
     p = _check_p(p)
     _check_tensor(x, "x")
-    if x.dim() not in (4, 5):
-        raise ValueError(f"fastdropout: dropout3d expects a 4-D or 5-D input x, got {x.dim()}-D")
+    _warn_rank("dropout3d", x, (4, 5))
     return _channels(x, 5, p, training, inplace, seed, offset, generator)
 
 
 def _channels(x, batched_dim, p, training, inplace, seed, offset, generator):
-    """Unbatched inputs get a batch dimension of 1 (mask index = channel), as torch does."""
+    """Inputs of another rank than the batched one get a batch dimension of 1 (mask index =
+    channel), as torch does."""
     if x.dim() == batched_dim:
         return feature_dropout(x, p, training, inplace, seed=seed, offset=offset, generator=generator)
     out = feature_dropout(x.unsqueeze(0), p, training, inplace, seed=seed, offset=offset,

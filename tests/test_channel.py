@@ -1,4 +1,6 @@
 """Channel dropout (Dropout1d/2d/3d): whole channels, the mask of index n * C + c."""
+import warnings
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -70,10 +72,51 @@ def test_modules_drop_in():
         assert m(x) is x
 
 
-def test_bad_ranks():
-    with pytest.raises(ValueError, match="dropout1d"):
-        fastdropout.dropout1d(torch.randn(2, 3, 4, 5), 0.5)
-    with pytest.raises(ValueError, match="dropout2d"):
-        fastdropout.dropout2d(torch.randn(2, 3), 0.5)
-    with pytest.raises(ValueError, match="dropout3d"):
-        fastdropout.dropout3d(torch.randn(2, 3, 4), 0.5)
+def _outcome(fn, x, p=0.5, training=True, **kw):
+    """(exception type or None, the warnings' first 100 characters, output) of one call."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            out, err = fn(x, p, training, **kw), None
+        except Exception as e:  # noqa: BLE001 - the type is what is compared
+            out, err = None, type(e)
+    return err, sorted(str(w.message)[:100] for w in caught), out
+
+
+@pytest.mark.parametrize("ours,theirs,batched_rank", [
+    (fastdropout.dropout1d, F.dropout1d, 3), (fastdropout.dropout2d, F.dropout2d, None),
+    (fastdropout.dropout3d, F.dropout3d, 5)])
+@pytest.mark.parametrize("rank", range(7))
+@pytest.mark.parametrize("p,training", [(0.5, True), (1.0, True), (0.5, False)])
+def test_every_rank_accepted_warned_or_rejected_as_torch(ours, theirs, batched_rank, rank, p, training):
+    """Same exception type, same warnings (their first 100 characters: the part torch's tests match), and
+    the same channel structure: the contract's mask over torch's channels for that rank."""
+    x = torch.randn([4, 5, 3, 2, 2, 2][:rank])
+    our_err, our_warnings, got = _outcome(ours, x, p, training, seed=21)
+    torch_err, torch_warnings, want_shape = _outcome(theirs, x, p, training)
+    assert our_err is torch_err
+    assert our_warnings == torch_warnings
+    if our_err is not None:
+        return
+    assert got.shape == want_shape.shape == x.shape
+    if not training:
+        assert torch.equal(got, x)
+        return
+    # torch adds a batch dimension of 1 to every rank but the batched one (dropout2d: never).
+    view = x if batched_rank in (None, rank) else x.unsqueeze(0)
+    expected = reference.channel_dropout(view, p, 21) if view.dim() >= 2 else torch.zeros_like(view)
+    assert torch.equal(got, expected.view(x.shape))
+
+
+def test_dropout1d_rank_error_is_torchs():
+    for shape in [(2, 3, 4, 5), (2,)]:
+        with pytest.raises(RuntimeError, match=f"Expected 2D or 3D input, but received a {len(shape)}D input"):
+            fastdropout.dropout1d(torch.randn(shape), 0.5)
+        with pytest.raises(RuntimeError, match=f"Expected 2D or 3D input, but received a {len(shape)}D input"):
+            fastdropout.Dropout1d(0.5)(torch.randn(shape))
+
+
+def test_feature_dropout_rank_error_is_torchs():
+    with pytest.raises(RuntimeError, match="Feature dropout requires at least 2 dimensions in the input"):
+        fastdropout.feature_dropout(torch.randn(5), 0.5)
+    assert (fastdropout.feature_dropout(torch.randn(5), 1.0) == 0).all()  # p = 1 draws nothing
