@@ -149,11 +149,11 @@ def test_training_mode_loss_has_torchs_distribution(name):
 
 
 def test_gpt2_training_runs_track_torch():
-    """Five short training runs each (same initial weights and batches, different dropout seeds):
+    """Four short training runs each (same initial weights and batches, different dropout seeds):
     the mean loss of the last steps is statistically the same with fastdropout as with torch
     (Welch statistic within 5), and both learn."""
     tr = pytest.importorskip("transformers")
-    steps, seeds = 15, range(5)
+    steps, seeds = 12, range(4)
     vocab, seq = 32, 16
     gen = torch.Generator().manual_seed(0)
     start = torch.randint(0, vocab, (steps, 4, 1), generator=gen)
@@ -179,9 +179,9 @@ def test_gpt2_training_runs_track_torch():
 
     theirs = [run(False, s) for s in seeds]
     ours = [run(True, s) for s in seeds]
-    tail = lambda runs: [statistics.mean(r[-5:]) for r in runs]  # noqa: E731
+    tail = lambda runs: [statistics.mean(r[-4:]) for r in runs]  # noqa: E731
     for runs in (theirs, ours):
-        assert all(statistics.mean(r[-5:]) < 0.8 * r[0] for r in runs)  # both learn
+        assert all(statistics.mean(r[-4:]) < 0.8 * r[0] for r in runs)  # both learn
     assert abs(_z(tail(ours), tail(theirs))) <= 5.0, (tail(ours), tail(theirs))
 
 
@@ -218,10 +218,15 @@ def test_gpt2_gradient_checkpointing_recomputes_through_fastdropout():
         return [p.grad.clone() for p in model.parameters()]
 
     with fastdropout_everywhere(model):
-        plain = grads()
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        with DropoutCalls() as plain_calls:
+            plain = grads()
+        # transformers 5.x: activation_checkpointing_*; earlier: gradient_checkpointing_*
+        enable = getattr(model, "activation_checkpointing_enable", model.gradient_checkpointing_enable)
+        disable = getattr(model, "activation_checkpointing_disable", model.gradient_checkpointing_disable)
+        enable({"use_reentrant": False})
         with DropoutCalls() as calls:
             checkpointed = grads()
-        model.gradient_checkpointing_disable()
+        disable()
     assert calls.torch == 0
+    assert calls.fastdropout > plain_calls.fastdropout  # the layers' dropouts ran again in backward
     assert all(torch.equal(a, b) for a, b in zip(plain, checkpointed))
