@@ -62,7 +62,8 @@ def _adapter(name: str) -> Callable:
 
     def routed(input: torch.Tensor, p: float = 0.5, training: bool = True,
                inplace: bool = False) -> torch.Tensor:
-        if (isinstance(input, torch.Tensor) and input.device.type in ("cpu", "cuda")
+        # is_cpu/is_cuda, not device.type: building a torch.device costs more than the rest
+        if (isinstance(input, torch.Tensor) and (input.is_cuda or input.is_cpu)
                 and input.dtype in _FLOAT_DTYPES and input.layout == torch.strided):
             return ours(input, p, training, inplace)
         return torch_fn(input, p, training, inplace)
