@@ -33,7 +33,9 @@ else
   py="$venv/bin/python"
 fi
 
-pip_install() { "$py" -m pip install --disable-pip-version-check -q "$@"; }
+# --no-compile: no .pyc for all of torch up front (a minute of CPU on a small machine); Python
+# writes them for the modules actually imported.
+pip_install() { "$py" -m pip install --disable-pip-version-check --no-compile -q "$@"; }
 
 if ! "$py" -c "import torch" 2>/dev/null; then
   echo "== installing torch${FD_TORCH:+==$FD_TORCH}"
