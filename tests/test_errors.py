@@ -166,3 +166,15 @@ def test_empty_and_zero_dim_never_crash(shape):
         bg = torch.randn(shape[-1], requires_grad=True)
         fastdropout.bias_dropout_add(xg, bg, x, 0.5, seed=1).sum().backward()
         assert bg.grad.shape == (shape[-1],) and (bg.grad == 0).all()
+
+
+def test_channel_dropout_ranks_raise_and_warn_as_torch():
+    """torch's exception types and first words, with fastdropout's detail naming x."""
+    with pytest.raises(RuntimeError, match=r"dropout1d: Expected 2D or 3D input, but received a 4D input.*\bx\b"):
+        fastdropout.dropout1d(torch.randn(2, 3, 4, 5), 0.5)
+    with pytest.raises(RuntimeError, match=r"Feature dropout requires at least 2 dimensions in the input.*\bx\b"):
+        fastdropout.feature_dropout(torch.randn(4), 0.5)
+    with pytest.warns(UserWarning, match="Received a 5-D input to dropout2d, which is deprecated"):
+        assert fastdropout.dropout2d(torch.randn(2, 3, 2, 2, 2), 0.5).shape == (2, 3, 2, 2, 2)
+    with pytest.warns(UserWarning, match="Received a 6-D input to dropout3d, which is deprecated"):
+        fastdropout.dropout3d(torch.randn(2, 3, 2, 2, 2, 2), 0.5)
