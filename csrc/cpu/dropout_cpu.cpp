@@ -13,72 +13,17 @@
 #include <vector>
 
 #include "../fastdropout.h"
+#include "keep_batches.h"
 
 namespace fastdropout {
 
-#if defined(__x86_64__) && defined(__GNUC__)
-// csrc/cpu/keep_avx2.cpp: eight groups per call, AVX2.
-void keep_bytes_avx2(uint8_t* keep, uint64_t seed, uint64_t offset, int64_t group, int64_t count,
-                     uint32_t threshold);
-
-#endif
-
 namespace {
 
-// Philox calls are made in batches of this many groups (8 elements each) into a small array of
-// keep bytes (eight groups at a time with AVX2), so that the loop over elements becomes a plain
-// select-and-multiply that vectorises.
-constexpr int64_t kBatchGroups = 64;
-constexpr int64_t kBatchElements = kBatchGroups * kElementsPerPhilox;
-// Elements per parallel task: large enough to amortise the thread hand-off.
-constexpr int64_t kGrainElements = 1 << 15;
-
-int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-
-#if defined(__x86_64__) && defined(__GNUC__)
-// CPUID says AVX2, and FASTDROPOUT_DISABLE_AVX2 is unset (the tests use it to check that both
-// paths draw the same masks).
-bool use_avx2() {
-  static const bool enabled = __builtin_cpu_supports("avx2") &&
-                              std::getenv("FASTDROPOUT_DISABLE_AVX2") == nullptr;
-  return enabled;
-}
-#endif
-
-// Keep bytes of mask indices [group * 8, group * 8 + count * 8).
-void fill_keep_bytes(uint8_t* keep, RngPair rng, int64_t group, int64_t count,
-                     uint32_t threshold) {
-  int64_t k = 0;
-#if defined(__x86_64__) && defined(__GNUC__)
-  if (use_avx2()) {
-    k = count & ~int64_t{7};
-    keep_bytes_avx2(keep, rng.seed, rng.offset, group, k, threshold);
-  }
-#endif
-  for (; k < count; ++k) {
-    const uint32_t bits = keep_bits8(rng.seed, rng.offset, static_cast<uint64_t>(group + k),
-                                     threshold);
-    for (int j = 0; j < kElementsPerPhilox; ++j) {
-      keep[k * kElementsPerPhilox + j] = static_cast<uint8_t>((bits >> j) & 1u);
-    }
-  }
-}
-
-// Calls body(begin, count, keep) for consecutive runs of mask indices covering [begin, end),
-// keep[k] being the keep byte of mask index begin + k. Runs never exceed kBatchElements.
-template <typename Body>
-void for_keep_batches(RngPair rng, uint32_t threshold, int64_t begin, int64_t end, Body&& body) {
-  uint8_t keep[kBatchElements + kElementsPerPhilox];
-  while (begin < end) {
-    const int64_t first_group = begin / kElementsPerPhilox;
-    const int64_t skip = begin - first_group * kElementsPerPhilox;
-    const int64_t count = std::min(end - begin, kBatchElements - skip);
-    fill_keep_bytes(keep, rng, first_group, ceil_div(skip + count, kElementsPerPhilox),
-                    threshold);
-    body(begin, count, keep + skip);
-    begin += count;
-  }
-}
+using cpu::ceil_div;
+using cpu::for_keep_batches;
+using cpu::kGrainElements;
+using cpu::read_rng_state;
+using cpu::resolve_rng;
 
 // for_keep_batches, with every run also cut at the ends of rows of `columns` elements:
 // body(first, count, keep, column) sees elements first .. first + count - 1 of one row, the
@@ -101,17 +46,6 @@ void for_keep_row_runs(RngPair rng, uint32_t threshold, int64_t begin, int64_t e
                    });
 }
 
-RngPair read_rng_state(const at::Tensor& rng_state) {
-  const int64_t* s = rng_state.data_ptr<int64_t>();
-  return RngPair{static_cast<uint64_t>(s[0]), static_cast<uint64_t>(s[1])};
-}
-
-void write_rng_state(const at::Tensor& rng_state, RngPair rng) {
-  int64_t* s = rng_state.data_ptr<int64_t>();
-  s[0] = static_cast<int64_t>(rng.seed);
-  s[1] = static_cast<int64_t>(rng.offset);
-}
-
 // The contract's tree_sum, column-wise: v holds n rows (n a power of two) of `columns` sums;
 // for stride = n/2 .. 1, row i += row i + stride for i < stride; the result is row 0.
 template <typename acc_t>
@@ -123,14 +57,6 @@ void tree_sum_rows(acc_t* v, int n, int64_t columns) {
       for (int64_t c = 0; c < columns; ++c) dst[c] = add_rn(dst[c], src[c]);
     }
   }
-}
-
-// Forward draws and records the state; backward (request == nullptr) replays it.
-RngPair resolve_rng(const at::Tensor& rng_state, const RngRequest* request) {
-  if (request == nullptr) return read_rng_state(rng_state);
-  const RngPair rng = acquire_cpu_rng(*request);
-  write_rng_state(rng_state, rng);
-  return rng;
 }
 
 template <typename scalar_t>

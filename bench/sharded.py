@@ -1,0 +1,90 @@
+"""Benchmark rows for the sharded kernel (DTensor shards): the same local bytes through the
+unsharded kernel (fastdropout::dropout on the local tensor) and through the sharded one
+(fastdropout::sharded_dropout, which maps each local run to its global indices), for runs of
+several lengths, with global run starts at multiples of 8 and not.
+
+    python bench/sharded.py [--device cpu|cuda] [--numel 16777216] [--dtype float32] [--json]
+
+A shard of a (rows, columns) tensor split on its columns over 2 ranks has runs of columns / 2
+elements starting columns apart; "aligned" runs start at multiples of 8, "unaligned" ones at
+8k + 3 (the kernel then draws two Philox calls for some groups of 8).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+
+import fastdropout
+import fastdropout.dtensor as fdt
+
+ops = torch.ops.fastdropout
+
+
+def _time_ms(fn, device: str) -> float:
+    if device == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    fn()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return (time.perf_counter() - start) * 1e3
+
+
+def _paired(unsharded, sharded, device: str, repeats: int):
+    """Both passes timed alternately, so that load from other processes hits both alike: the
+    fastest time of each and the median of the per-pair ratios."""
+    unsharded(), sharded()
+    pairs = [(_time_ms(unsharded, device), _time_ms(sharded, device)) for _ in range(repeats)]
+    return (min(u for u, _ in pairs), min(s for _, s in pairs),
+            statistics.median(s / u for u, s in pairs))
+
+
+def rows(numel: int, dtype: torch.dtype, device: str, repeats: int):
+    """One row per run length and run start: the unsharded and the sharded pass over the same
+    local bytes."""
+    out = []
+    for run_length in (256, 1024, 4096, 1 << 16, numel // 2):
+        runs = numel // run_length
+        x = torch.randn(runs, run_length, device=device).to(dtype)
+        for start in (0, 3):
+            # The local tensor is the columns [start, start + run_length) of a tensor
+            # 2 * run_length wide.
+            rmap = fdt.run_map((runs, 2 * run_length), (runs, run_length), (0, start))
+            base, t, ratio = _paired(lambda: ops.dropout(x, 0.1, 1, 0, None, 1),
+                                     lambda: ops.sharded_dropout(x, 0.1, *rmap, 1, 0, None, 1),
+                                     device, repeats)
+            out.append({"device": device, "dtype": str(dtype).replace("torch.", ""),
+                        "numel": runs * run_length, "run_length": run_length,
+                        "run_start": "aligned" if start == 0 else "8k+3",
+                        "unsharded_ms": round(base, 3), "sharded_ms": round(t, 3),
+                        "sharded_vs_unsharded": round(ratio, 3)})
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--numel", type=int, default=1 << 24)
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16", "float64"])
+    parser.add_argument("--repeats", type=int, default=21)
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+    table = rows(args.numel, getattr(torch, args.dtype), args.device, args.repeats)
+    if args.json:
+        print(json.dumps(table, indent=1))
+        return
+    print(f"fastdropout {fastdropout.__version__}, torch {torch.__version__}, {args.device}, "
+          f"{torch.get_num_threads()} threads, {args.repeats} alternating pairs: fastest times, "
+          "median ratio")
+    print(f"{'run length':>10} {'run start':>9} {'unsharded ms':>12} {'sharded ms':>10} {'ratio':>6}")
+    for r in table:
+        print(f"{r['run_length']:>10} {r['run_start']:>9} {r['unsharded_ms']:>12.3f} "
+              f"{r['sharded_ms']:>10.3f} {r['sharded_vs_unsharded']:>6.3f}")
+
+
+if __name__ == "__main__":
+    main()
