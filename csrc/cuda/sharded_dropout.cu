@@ -2,7 +2,8 @@
 // elements of one run. Their global indices are consecutive too, so the thread draws one Philox
 // call when they start at a multiple of 8 (runs whose global starts and lengths are multiples
 // of 8: the usual shard) and two when they straddle a group boundary. Runs whose length is a
-// multiple of 8 on 16-byte aligned buffers move 16-byte packs, others go element by element.
+// multiple of 8 on 16-byte aligned buffers of 4- or 8-byte elements move 16-byte packs, others
+// go element by element.
 // The map's divisions are multiply-high GroupDividers prepared on the host.
 #include <type_traits>
 
@@ -139,7 +140,11 @@ void launch(const ShardedPass& sharded, const RngSource& src, cudaStream_t strea
   TORCH_CHECK(ceil_div(threads, kThreads) < (int64_t{1} << 31), "fastdropout: tensor too large");
   const scalar_t* in = pass.input->const_data_ptr<scalar_t>();
   scalar_t* out = pass.output->mutable_data_ptr<scalar_t>();
-  const bool vector = map.run_length % kElementsPerPhilox == 0 && aligned16(in) && aligned16(out);
+  // 16-byte packs for 4- and 8-byte types only: for bf16/fp16 nvcc splits this kernel's pack
+  // store into four 4-byte stores (tests/test_sass.py flags that), so they take the element path.
+  constexpr bool kPackable = sizeof(scalar_t) >= 4;
+  const bool vector = kPackable && map.run_length % kElementsPerPhilox == 0 && aligned16(in) &&
+                      aligned16(out);
   const int64_t runs = numel == 0 ? 0 : numel / map.run_length;
   const DeviceRunMap device_map(map, threads, runs);
   // The largest global index of the shard: its last run's start plus the run.
@@ -148,13 +153,16 @@ void launch(const ShardedPass& sharded, const RngSource& src, cudaStream_t strea
   const GroupDivider by_channel = make_divider(pass.channel_numel, last_global);
   const uint32_t threshold = drop_threshold(pass.p);
   const auto scale = keep_scale<acc_type_t<scalar_t>>(pass.p);
-  if (vector) {
-    sharded_dropout_cuda_kernel<scalar_t, true, kChannels><<<grid, kThreads, 0, stream>>>(
-        in, out, threads, device_map, by_channel, src, threshold, scale);
-  } else {
-    sharded_dropout_cuda_kernel<scalar_t, false, kChannels><<<grid, kThreads, 0, stream>>>(
-        in, out, threads, device_map, by_channel, src, threshold, scale);
+  if constexpr (kPackable) {
+    if (vector) {
+      sharded_dropout_cuda_kernel<scalar_t, true, kChannels><<<grid, kThreads, 0, stream>>>(
+          in, out, threads, device_map, by_channel, src, threshold, scale);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      return;
+    }
   }
+  sharded_dropout_cuda_kernel<scalar_t, false, kChannels><<<grid, kThreads, 0, stream>>>(
+      in, out, threads, device_map, by_channel, src, threshold, scale);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
