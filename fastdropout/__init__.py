@@ -23,6 +23,9 @@ from .modules import BiasDropoutAdd, Dropout, Dropout1d, Dropout2d, Dropout3d
 from .replace import replace_dropout
 from .drop_path import DropPath, drop_path
 from .routing import FunctionalDropoutRoute, route_functional_dropout, unroute_functional_dropout
+# DTensor rules for the ops (each shard draws its slice of the unsharded mask); a no-op where
+# torch.distributed is unavailable.
+from . import dtensor as _dtensor  # noqa: F401
 
 __all__ = [
     "__version__",

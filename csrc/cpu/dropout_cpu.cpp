@@ -195,7 +195,11 @@ void bias_dropout_add_backward_cpu(const BiasDropoutAddBackward& args) {
     scalar_t* gx = args.grad_x->mutable_data_ptr<scalar_t>();
     std::vector<acc_t> partials(static_cast<size_t>(std::max<int64_t>(chunks, 1) * columns),
                                 acc_t(0));
-    at::parallel_for(0, chunks, 1, [&](int64_t chunk_begin, int64_t chunk_end) {
+    // At least kGrainElements per task: a small gradient stays on the calling thread (waking
+    // the OpenMP team for a few thousand elements cost milliseconds on a loaded machine).
+    const int64_t chunk_grain =
+        std::max<int64_t>(1, kGrainElements / (kBiasGradChunkRows * std::max<int64_t>(columns, 1)));
+    at::parallel_for(0, chunks, chunk_grain, [&](int64_t chunk_begin, int64_t chunk_end) {
       std::vector<acc_t> slices(static_cast<size_t>(kBiasGradSlices * columns));
       for (int64_t chunk = chunk_begin; chunk < chunk_end; ++chunk) {
         std::fill(slices.begin(), slices.end(), acc_t(0));

@@ -10,7 +10,7 @@ namespace {
 
 // Forward. kVector: every pointer 16-byte aligned and (with a bias) the row length a multiple
 // of 8, so a group of 8 lies in one row over 8 consecutive bias entries. The column of a group
-// comes from one division by a launch-wide divisor (a multiply-high below 2^32 dividends).
+// comes from one division by a launch-wide divisor (a multiply-high, GroupDivider).
 template <typename scalar_t, bool kHasBias, bool kVector>
 __global__ void __launch_bounds__(kThreads)
 bias_dropout_add_forward_cuda_kernel(const scalar_t* __restrict__ x,
@@ -27,27 +27,20 @@ bias_dropout_add_forward_cuda_kernel(const scalar_t* __restrict__ x,
     return;
   }
   const int count = static_cast<int>(std::min<int64_t>(kElementsPerPhilox, numel - base));
-  Group8<scalar_t> xv, rv, bv;
-  int64_t column = 0;
   if (kVector && count == kElementsPerPhilox) {
+    Group8<scalar_t> xv, rv;
     xv.load(x + base);
     rv.load(residual + base);
+    const RngPair rng = resolve_rng(src);
+    const uint32_t bits = keep_bits8(rng.seed, rng.offset, group, threshold);
+    // The bias (a few KiB, in L1/L2 after the first rows) is read after the Philox rounds: it
+    // would only lengthen the live ranges across them (fp64 spilled on sm_80 otherwise).
+    Group8<scalar_t> bv;
     if (kHasBias) {
       int64_t row, column_group;
       column_of.divmod(group, &row, &column_group);  // divisor: columns / 8
       bv.load(bias + column_group * kElementsPerPhilox);
     }
-  } else {
-    xv.load_scalars(x + base, count);
-    rv.load_scalars(residual + base, count);
-    if (kHasBias) {
-      int64_t row;
-      column_of.divmod(base, &row, &column);  // divisor: columns
-    }
-  }
-  const RngPair rng = resolve_rng(src);
-  const uint32_t bits = keep_bits8(rng.seed, rng.offset, group, threshold);
-  if (kVector && count == kElementsPerPhilox) {
 #pragma unroll
     for (int j = 0; j < kElementsPerPhilox; ++j) {
       const acc_t b = kHasBias ? static_cast<acc_t>(bv[j]) : acc_t(0);
@@ -56,15 +49,26 @@ bias_dropout_add_forward_cuda_kernel(const scalar_t* __restrict__ x,
     xv.store(out + base);
     return;
   }
-#pragma unroll
-  for (int j = 0; j < kElementsPerPhilox; ++j) {
-    if (j < count) {
-      const acc_t b = kHasBias ? static_cast<acc_t>(bias[column]) : acc_t(0);
-      xv[j] = bias_dropout_add_element<kHasBias>((bits >> j) & 1u, xv[j], b, rv[j], scale);
-      if (kHasBias && ++column == columns) column = 0;
+  // Scalar path (misaligned buffers, a bias row not a multiple of 8, the last partial group):
+  // element by element after the Philox call, which keeps few values live across it.
+  const RngPair rng = resolve_rng(src);
+  const uint32_t bits = keep_bits8(rng.seed, rng.offset, group, threshold);
+  int64_t column = 0;
+  if (kHasBias) {
+    int64_t row;
+    if (kVector) {  // unreachable with a bias (numel is then a multiple of 8); exact anyway
+      column_of.divmod(group, &row, &column);
+      column *= kElementsPerPhilox;
+    } else {
+      column_of.divmod(base, &row, &column);  // divisor: columns
     }
   }
-  xv.store_scalars(out + base, count);
+  for (int j = 0; j < count; ++j) {
+    const acc_t b = kHasBias ? static_cast<acc_t>(bias[column]) : acc_t(0);
+    out[base + j] = bias_dropout_add_element<kHasBias>((bits >> j) & 1u, x[base + j], b,
+                                                       residual[base + j], scale);
+    if (kHasBias && ++column == columns) column = 0;
+  }
 }
 
 // How the bias-gradient partial kernel lays threads over (chunk, slice, column unit): a block
@@ -102,16 +106,23 @@ bias_grad_partials_cuda_kernel(const scalar_t* __restrict__ grad, scalar_t* __re
                                RngSource src, uint32_t threshold, acc_type_t<scalar_t> scale) {
   using acc_t = acc_type_t<scalar_t>;
   using Row = std::conditional_t<kCols == kElementsPerPhilox, Group8<scalar_t>, scalar_t[1]>;
-  constexpr int kPrefetch = kCols == 1 ? kBiasGradSliceRows
-                                       : static_cast<int>(16 / sizeof(scalar_t));
+  // Rows in flight per thread: 8 x 16 bytes for 2-byte types, 4 x 32 for fp32; fp64 one row
+  // (64 bytes) at a time, which keeps the sm_80 build free of spills.
+  constexpr int kPrefetch = kCols == 1             ? kBiasGradSliceRows
+                            : sizeof(scalar_t) == 8 ? 1
+                                                    : static_cast<int>(16 / sizeof(scalar_t));
+  // Column j of thread slot s at slice_sums[j * kThreads + s]: neighbouring lanes hit
+  // neighbouring banks.
   __shared__ acc_t slice_sums[kThreads * kCols];
 
   const int t = threadIdx.x;
   const int unit_local = t % layout.unit_lanes;
   const int slice = (t / layout.unit_lanes) % kBiasGradSlices;
   const int chunk_local = t / (layout.unit_lanes * kBiasGradSlices);
-  const int64_t unit = (blockIdx.x % layout.unit_blocks) * layout.unit_lanes + unit_local;
-  const int64_t chunk = (blockIdx.x / layout.unit_blocks) * layout.chunks_per_block + chunk_local;
+  // The block count is checked below 2^31 on the host: 32-bit division, not the 64-bit routine.
+  const auto unit_blocks = static_cast<unsigned>(layout.unit_blocks);
+  const int64_t unit = int64_t{blockIdx.x % unit_blocks} * layout.unit_lanes + unit_local;
+  const int64_t chunk = int64_t{blockIdx.x / unit_blocks} * layout.chunks_per_block + chunk_local;
   const bool active = unit < layout.units && chunk < layout.chunks;
   const int64_t column = unit * kCols;
   const int64_t first_row = chunk * kBiasGradChunkRows + slice * kBiasGradSliceRows;
@@ -159,23 +170,25 @@ bias_grad_partials_cuda_kernel(const scalar_t* __restrict__ grad, scalar_t* __re
   }
 
   // The contract's tree over the chunk's slices: stride 4, 2, 1.
-  acc_t* mine = slice_sums + ((chunk_local * kBiasGradSlices + slice) * layout.unit_lanes +
-                              unit_local) * kCols;
+  acc_t* mine = slice_sums + (chunk_local * kBiasGradSlices + slice) * layout.unit_lanes +
+                unit_local;
 #pragma unroll
-  for (int j = 0; j < kCols; ++j) mine[j] = sums[j];
-  const int slice_pitch = layout.unit_lanes * kCols;
+  for (int j = 0; j < kCols; ++j) mine[j * kThreads] = sums[j];
 #pragma unroll
   for (int stride = kBiasGradSlices / 2; stride >= 1; stride /= 2) {
     __syncthreads();
     if (slice < stride) {
+      const int partner = stride * layout.unit_lanes;  // the same unit, slice + stride
 #pragma unroll
-      for (int j = 0; j < kCols; ++j) mine[j] = add_rn(mine[j], mine[stride * slice_pitch + j]);
+      for (int j = 0; j < kCols; ++j) {
+        mine[j * kThreads] = add_rn(mine[j * kThreads], mine[j * kThreads + partner]);
+      }
     }
   }
   if (slice == 0 && active) {
     acc_t* partial = partials + chunk * layout.columns + column;
 #pragma unroll
-    for (int j = 0; j < kCols; ++j) partial[j] = mine[j];
+    for (int j = 0; j < kCols; ++j) partial[j] = mine[j * kThreads];
   }
 }
 
@@ -192,8 +205,9 @@ bias_grad_fan_in_cuda_kernel(const acc_type_t<scalar_t>* __restrict__ in, int64_
   __shared__ acc_t tree[kBiasGradFanIn][kWarp + 1];
   const int tx = threadIdx.x % kWarp;
   const int ty = threadIdx.x / kWarp;
-  const int64_t column = (blockIdx.x % column_blocks) * kWarp + tx;
-  const int64_t run = blockIdx.x / column_blocks;
+  const auto blocks_per_run = static_cast<unsigned>(column_blocks);  // grid < 2^31 blocks
+  const int64_t column = int64_t{blockIdx.x % blocks_per_run} * kWarp + tx;
+  const int64_t run = blockIdx.x / blocks_per_run;
   const int64_t entry = run * kBiasGradFanIn + ty;
   tree[ty][tx] = column < columns && entry < n ? in[entry * columns + column] : acc_t(0);
 #pragma unroll
@@ -225,12 +239,12 @@ void launch_bias_dropout_add_forward(bool vector, dim3 grid, cudaStream_t stream
                                      int64_t columns, const RngSource& src, uint32_t threshold,
                                      acc_type_t<scalar_t> scale) {
   if (vector) {
-    const GroupDivider column_groups(columns / kElementsPerPhilox,
-                                     ceil_div(numel, kElementsPerPhilox));
+    // (without a bias the divider is never used: columns is 1)
+    const GroupDivider column_groups(std::max<int64_t>(1, columns / kElementsPerPhilox));
     bias_dropout_add_forward_cuda_kernel<scalar_t, kHasBias, true><<<grid, kThreads, 0, stream>>>(
         x, bias, residual, out, numel, columns, column_groups, src, threshold, scale);
   } else {
-    const GroupDivider column_of(columns, numel);
+    const GroupDivider column_of(columns);
     bias_dropout_add_forward_cuda_kernel<scalar_t, kHasBias, false><<<grid, kThreads, 0, stream>>>(
         x, bias, residual, out, numel, columns, column_of, src, threshold, scale);
   }
@@ -321,6 +335,7 @@ void bias_dropout_add_backward_cuda(const BiasDropoutAddBackward& args) {
     at::Tensor next;
     for (int64_t n = layout.chunks; n > 1; n = ceil_div(n, kBiasGradFanIn)) {
       const int64_t runs = ceil_div(n, kBiasGradFanIn);
+      TORCH_CHECK(column_blocks * runs < (int64_t{1} << 31), "fastdropout: tensor too large");
       const auto fan_blocks = static_cast<unsigned>(column_blocks * runs);
       if (runs == 1) {
         bias_grad_fan_in_cuda_kernel<scalar_t, true>

@@ -2,10 +2,10 @@
 // contract applied to n * C + c, spread over the channel's elements).
 //
 // One thread per 8 consecutive elements, as the plain kernel: 16-byte loads and stores where
-// the buffers are aligned. channel_numel >= 2, so 8 consecutive elements span at most 5
+// the buffers are aligned. channel_numel >= 2, so 8 consecutive elements span at most 4
 // channels and so at most 2 Philox groups of channels: each thread makes one Philox call, or
-// two where its channels straddle a group boundary. One division per thread (a multiply-high
-// when the tensor has fewer than 2^32 elements), none per element.
+// two where its channels straddle a group boundary. One division per thread (a multiply-high by
+// a precomputed magic number), none per element.
 #include "kernel_utils.cuh"
 
 namespace fastdropout {
@@ -13,10 +13,11 @@ namespace cuda {
 namespace {
 
 template <typename scalar_t, bool kVector>
-__global__ void __launch_bounds__(kThreads)
-channel_dropout_cuda_kernel(const scalar_t* in, scalar_t* out, int64_t numel,
-                            int64_t channel_numel, GroupDivider channels, RngSource src,
-                            uint32_t threshold, acc_type_t<scalar_t> scale) {
+__device__ __forceinline__ void channel_dropout_group(const scalar_t* in, scalar_t* out,
+                                                      int64_t numel, int64_t channel_numel,
+                                                      const GroupDivider& channels,
+                                                      const RngSource& src, uint32_t threshold,
+                                                      acc_type_t<scalar_t> scale) {
   const int64_t base = thread_group() * kElementsPerPhilox;
   if (base >= numel) {
     resolve_rng(src);
@@ -63,6 +64,39 @@ channel_dropout_cuda_kernel(const scalar_t* in, scalar_t* out, int64_t numel,
   }
 }
 
+// Out of place (restrict: the loads may take the read-only path) and in place (not).
+template <typename scalar_t, bool kVector>
+__global__ void __launch_bounds__(kThreads)
+channel_dropout_cuda_kernel(const scalar_t* __restrict__ in, scalar_t* __restrict__ out,
+                            int64_t numel, int64_t channel_numel, GroupDivider channels,
+                            RngSource src, uint32_t threshold, acc_type_t<scalar_t> scale) {
+  channel_dropout_group<scalar_t, kVector>(in, out, numel, channel_numel, channels, src,
+                                           threshold, scale);
+}
+
+template <typename scalar_t, bool kVector>
+__global__ void __launch_bounds__(kThreads)
+channel_dropout_inplace_cuda_kernel(scalar_t* data, int64_t numel, int64_t channel_numel,
+                                    GroupDivider channels, RngSource src, uint32_t threshold,
+                                    acc_type_t<scalar_t> scale) {
+  channel_dropout_group<scalar_t, kVector>(data, data, numel, channel_numel, channels, src,
+                                           threshold, scale);
+}
+
+template <typename scalar_t, bool kVector>
+void launch_channel_dropout(const scalar_t* in, scalar_t* out, dim3 grid, cudaStream_t stream,
+                            int64_t numel, int64_t channel_numel, const GroupDivider& channels,
+                            const RngSource& src, uint32_t threshold,
+                            acc_type_t<scalar_t> scale) {
+  if (static_cast<const void*>(in) == static_cast<const void*>(out)) {
+    channel_dropout_inplace_cuda_kernel<scalar_t, kVector><<<grid, kThreads, 0, stream>>>(
+        out, numel, channel_numel, channels, src, threshold, scale);
+  } else {
+    channel_dropout_cuda_kernel<scalar_t, kVector><<<grid, kThreads, 0, stream>>>(
+        in, out, numel, channel_numel, channels, src, threshold, scale);
+  }
+}
+
 }  // namespace
 }  // namespace cuda
 
@@ -77,18 +111,17 @@ void channel_dropout_pass_cuda(const DropoutPass& pass) {
   const int64_t numel = in.numel();
   const auto stream = at::cuda::getCurrentCUDAStream();
   const dim3 grid = group_grid(numel);
-  const GroupDivider channels(pass.channel_numel, numel);
+  const GroupDivider channels(pass.channel_numel);
   FD_DISPATCH_FLOAT_TYPES(in.scalar_type(), "channel_dropout_cuda", [&] {
     const auto scale = keep_scale<acc_type_t<scalar_t>>(pass.p);
     const scalar_t* src_ptr = in.const_data_ptr<scalar_t>();
     scalar_t* dst_ptr = out.mutable_data_ptr<scalar_t>();
-    // No __restrict__ on this kernel's pointers: it also runs in place.
     if (aligned16(src_ptr) && aligned16(dst_ptr)) {
-      channel_dropout_cuda_kernel<scalar_t, true><<<grid, kThreads, 0, stream>>>(
-          src_ptr, dst_ptr, numel, pass.channel_numel, channels, src, threshold, scale);
+      launch_channel_dropout<scalar_t, true>(src_ptr, dst_ptr, grid, stream, numel,
+                                             pass.channel_numel, channels, src, threshold, scale);
     } else {
-      channel_dropout_cuda_kernel<scalar_t, false><<<grid, kThreads, 0, stream>>>(
-          src_ptr, dst_ptr, numel, pass.channel_numel, channels, src, threshold, scale);
+      launch_channel_dropout<scalar_t, false>(src_ptr, dst_ptr, grid, stream, numel,
+                                              pass.channel_numel, channels, src, threshold, scale);
     }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });

@@ -108,8 +108,7 @@ template <typename scalar_t, bool kChannelRows>
 __global__ void __launch_bounds__(kThreads)
 dropout_block_transposed_cuda_kernel(const scalar_t* __restrict__ in, scalar_t* __restrict__ out,
                                      int64_t a_size, int64_t b_size, int64_t threads,
-                                     at::cuda::detail::IntDivider<uint32_t> by_a,
-                                     at::cuda::detail::IntDivider<uint32_t> by_b_groups,
+                                     GroupDivider by_a, GroupDivider by_b_groups,
                                      RngSource src, uint32_t threshold,
                                      acc_type_t<scalar_t> scale) {
   const int64_t t = thread_group();
@@ -117,11 +116,10 @@ dropout_block_transposed_cuda_kernel(const scalar_t* __restrict__ in, scalar_t* 
     resolve_rng(src);
     return;
   }
-  const auto a_split = by_a.divmod(static_cast<uint32_t>(t));
-  const auto b_split = by_b_groups.divmod(a_split.div);
-  const int64_t a = a_split.mod;
-  const int64_t b0 = int64_t{b_split.mod} * kElementsPerPhilox;
-  const int64_t outer = b_split.div;
+  int64_t rest, a, outer, b_group;
+  by_a.divmod(t, &rest, &a);
+  by_b_groups.divmod(rest, &outer, &b_group);
+  const int64_t b0 = b_group * kElementsPerPhilox;
   const int count = static_cast<int>(std::min<int64_t>(kElementsPerPhilox, b_size - b0));
   const int64_t first = (outer * b_size + b0) * a_size + a;  // memory position of element 0
   scalar_t values[kElementsPerPhilox];
@@ -156,12 +154,10 @@ void launch_block_transposed(const DropoutPass& pass, const RngSource& src, uint
   const BlockTransposed& layout = pass.transposed;
   const int64_t b_groups = ceil_div(layout.b, kElementsPerPhilox);
   const int64_t threads = layout.outer * b_groups * layout.a;
-  TORCH_CHECK(threads <= std::numeric_limits<uint32_t>::max() &&
-                  layout.a < (int64_t{1} << 31) && b_groups < (int64_t{1} << 31),
-              "fastdropout: layout too large for the one-pass transposed kernel");
+  TORCH_CHECK(ceil_div(threads, kThreads) < (int64_t{1} << 31), "fastdropout: tensor too large");
   const auto scale = keep_scale<acc_type_t<scalar_t>>(pass.p);
-  const at::cuda::detail::IntDivider<uint32_t> by_a(static_cast<uint32_t>(layout.a));
-  const at::cuda::detail::IntDivider<uint32_t> by_b_groups(static_cast<uint32_t>(b_groups));
+  const GroupDivider by_a(layout.a);
+  const GroupDivider by_b_groups(b_groups);
   const dim3 grid(static_cast<unsigned>(std::max<int64_t>(1, ceil_div(threads, kThreads))));
   const scalar_t* in = pass.input->const_data_ptr<scalar_t>();
   scalar_t* out = pass.output->mutable_data_ptr<scalar_t>();

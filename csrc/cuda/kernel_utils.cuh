@@ -7,7 +7,6 @@
 #include <ATen/cuda/CUDAContext.h>
 #include <ATen/cuda/CUDAGeneratorImpl.h>
 #include <ATen/cuda/PhiloxUtils.cuh>
-#include <ATen/cuda/detail/IntegerDivider.cuh>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 
@@ -95,20 +94,29 @@ struct Group8 {
   static constexpr int kPacks = kElementsPerPhilox / pack_t::kSize;
   pack_t packs[kPacks];
 
+  // Loaded as uint4: one 16-byte access per pack.
   __device__ __forceinline__ void load(const scalar_t* p) {
 #pragma unroll
-    for (int q = 0; q < kPacks; ++q) packs[q] = reinterpret_cast<const pack_t*>(p)[q];
-  }
-  // Elements [0, count) one by one, for a tail or a misaligned buffer.
-  __device__ __forceinline__ void load_scalars(const scalar_t* p, int count) {
-#pragma unroll
-    for (int j = 0; j < kElementsPerPhilox; ++j) {
-      if (j < count) (*this)[j] = p[j];
+    for (int q = 0; q < kPacks; ++q) {
+      *reinterpret_cast<uint4*>(&packs[q]) = reinterpret_cast<const uint4*>(p)[q];
     }
   }
+  // Elements [0, count) one by one, for a tail or a misaligned buffer; the rest are 0.
+  __device__ __forceinline__ void load_scalars(const scalar_t* p, int count) {
+#pragma unroll
+    for (int j = 0; j < kElementsPerPhilox; ++j) (*this)[j] = j < count ? p[j] : scalar_t(0);
+  }
+  // One st.global.v4 per pack, spelled out: in the bias-gradient kernel, where the stored
+  // values are also summed, the compiler split a uint4 store into four 4-byte ones.
   __device__ __forceinline__ void store(scalar_t* p) const {
 #pragma unroll
-    for (int q = 0; q < kPacks; ++q) reinterpret_cast<pack_t*>(p)[q] = packs[q];
+    for (int q = 0; q < kPacks; ++q) {
+      const uint4 v = *reinterpret_cast<const uint4*>(&packs[q]);
+      // No "memory" clobber: no kernel reads back what it stores, and each value stored
+      // depends on the loads it must follow, so the compiler may schedule freely around it.
+      asm volatile("st.global.v4.b32 [%0], {%1, %2, %3, %4};" ::"l"(p + q * pack_t::kSize),
+                   "r"(v.x), "r"(v.y), "r"(v.z), "r"(v.w));
+    }
   }
   __device__ __forceinline__ void store_scalars(scalar_t* p, int count) const {
 #pragma unroll
@@ -141,31 +149,28 @@ __device__ __forceinline__ int64_t thread_group() {
   return static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
 }
 
-// Division by a divisor fixed for the whole launch: a multiply-high and a shift when every
-// dividend fits in 32 bits (almost always), a 64-bit division otherwise (more than 2^32
-// groups). Chosen on the host, so the branch is uniform.
+// Division by a divisor fixed for the whole launch, without a division instruction or
+// subroutine: q = (umulhi(n, magic) + n) >> shift, with magic and shift from the host (the
+// round-up method ATen's 32-bit IntDivider uses, here over 64 bits). Exact for every dividend
+// n < 2^63 (so umulhi(n, magic) + n cannot overflow) and divisor in [1, 2^63].
 struct GroupDivider {
-  at::cuda::detail::IntDivider<uint32_t> fast;
-  int64_t divisor;
-  bool use_fast;
+  uint64_t magic = 0;
+  int shift = 0;
+  int64_t divisor = 1;
 
-  GroupDivider(int64_t divisor_, int64_t largest_dividend)
-      : fast(static_cast<uint32_t>(
-            divisor_ > 0 && divisor_ < (int64_t{1} << 31) ? divisor_ : 1)),
-        divisor(divisor_),
-        use_fast(divisor_ > 0 && divisor_ < (int64_t{1} << 31) &&
-                 largest_dividend <= std::numeric_limits<uint32_t>::max()) {}
+  explicit GroupDivider(int64_t divisor_) : divisor(divisor_ > 0 ? divisor_ : 1) {
+    const auto d = static_cast<uint64_t>(divisor);
+    while (shift < 63 && (uint64_t{1} << shift) < d) ++shift;
+    const unsigned __int128 one = 1;
+    magic = static_cast<uint64_t>(((one << 64) * ((one << shift) - d)) / d + 1);
+  }
 
-  // (n / divisor, n % divisor)
+  // (n / divisor, n % divisor), n >= 0
   __device__ __forceinline__ void divmod(int64_t n, int64_t* q, int64_t* r) const {
-    if (use_fast) {
-      const auto dm = fast.divmod(static_cast<uint32_t>(n));
-      *q = dm.div;
-      *r = dm.mod;
-    } else {
-      *q = n / divisor;
-      *r = n - *q * divisor;
-    }
+    const auto un = static_cast<uint64_t>(n);
+    const uint64_t quotient = (__umul64hi(un, magic) + un) >> shift;
+    *q = static_cast<int64_t>(quotient);
+    *r = n - static_cast<int64_t>(quotient) * divisor;
   }
 };
 
