@@ -165,12 +165,29 @@ def _dropout_backward_rule(grad, rng_state, p, channel_numel=1):
             return ops.dropout_backward(t, s, p, k)
 
     if state_batched:  # the forward's mask spans the batch; every row holds the same state
-        return level.wrap(call(level.expand(value, batched), channel_numel, state[0]))
+        return level.wrap(call(level.expand(value, batched), channel_numel,
+                               _one_state(state)))
     if not batched:
         return call(value, channel_numel, state)
     out, _ = _slice_mask_for_every_slice(lambda t, k: (call(t, k, state), state), value,
                                          channel_numel)
     return level.wrap(out)
+
+
+def _one_state(state: Tensor) -> Tensor:
+    """The (seed, offset) of a batched rng_state whose rows must all be equal (the state of one
+    forward whose mask spans the batch). Rows that differ (states of separate calls, batched
+    by hand) have no single mask to replay: an error, not row 0's mask for every slice."""
+    if state.shape[0] > 1 and not bool((state == state[0]).all()):
+        raise RuntimeError(
+            "fastdropout: under vmap, rng_state differs across the batch; the backward of "
+            "several separate dropout calls cannot be replayed as one batched call")
+    return state[0]
+
+
+def _canonical_nans(t: Tensor) -> Tensor:
+    """NaNs replaced by the dtype's canonical quiet NaN, as the kernels write them."""
+    return torch.where(torch.isnan(t), torch.full((), float("nan"), dtype=t.dtype, device=t.device), t)
 
 
 def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -195,7 +212,7 @@ def _bias_dropout_add_rule(x, bias, residual, p, seed=None, offset=0, generator=
     acc = _accumulation_dtype(x.dtype)
     v = x.to(acc) if bias is None else x.to(acc) + bias.to(acc)
     dropped, rng_state = ops.dropout(v, p, seed, offset, generator, 1)
-    return (residual.to(acc) + dropped).to(x.dtype), rng_state
+    return _canonical_nans((residual.to(acc) + dropped).to(x.dtype)), rng_state
 
 
 def _bias_dropout_add_backward_rule(grad, rng_state, p):

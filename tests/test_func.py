@@ -325,3 +325,28 @@ def test_compile_inplace_still_works():
     got.sum().backward()
     assert torch.equal(got, reference.dropout(x.detach() * 2, 0.5, 3) + 1)
     assert torch.equal(x.grad, 2 * mask_scale(64, torch.float32, p=0.5, seed=3, offset=0))
+
+
+def test_vmap_bias_dropout_add_writes_canonical_nans():
+    """The composed vmap path keeps the kernels' NaN rule (README, contract item 6)."""
+    from test_contract import _nan_inputs
+    import reference
+    x = _nan_inputs(torch.float32).view(4, -1, 8)
+    r = _nan_inputs(torch.float32).flip(0).view(4, -1, 8)
+    b = torch.randn(4, 8)
+    out = torch.func.vmap(lambda x_, b_, r_: fastdropout.bias_dropout_add(x_, b_, r_, 0.5, seed=9),
+                          randomness="same")(x, b, r)
+    nan = torch.isnan(out)
+    assert nan.sum() > 10
+    assert bits_equal(out[nan], reference.canonical_nan(torch.float32).expand(int(nan.sum())))
+
+
+def test_vmap_backward_refuses_rng_states_that_differ_across_the_batch():
+    states = torch.tensor([[1, 0], [2, 0]], dtype=torch.int64)
+    grads = torch.ones(2, 16)
+    rows = torch.func.vmap(lambda g, s: torch.ops.fastdropout.dropout_backward(g, s, 0.5, 1),
+                           randomness="same")
+    same = torch.tensor([[1, 0], [1, 0]], dtype=torch.int64)
+    assert rows(grads, same).shape == (2, 16)
+    with pytest.raises(RuntimeError, match="rng_state differs across the batch"):
+        rows(grads, states)
