@@ -1,9 +1,11 @@
-"""Benchmark rows for the sharded kernel (DTensor shards): the same local bytes through the
-unsharded kernel (fastdropout::dropout on the local tensor) and through the sharded one
-(fastdropout::sharded_dropout, which maps each local run to its global indices), for runs of
-several lengths, with global run starts at multiples of 8 and not.
+"""Benchmark rows for the sharded ops (DTensor shards): the same local bytes through each
+unsharded op (fastdropout::dropout, dropout_, dropout_backward, bias_dropout_add and its
+backward, on the local tensor) and through its sharded form (fastdropout::sharded_*, the same
+kernel handed the map from local runs to global indices), for runs of several lengths, with
+global run starts at multiples of 8 and not.
 
-    python bench/sharded.py [--device cpu|cuda] [--numel 16777216] [--dtype float32] [--json]
+    python bench/sharded.py [--device cpu|cuda] [--numel 16777216] [--dtype float32]
+                            [--ops dropout bias_dropout_add ...] [--json]
 
 A shard of a (rows, columns) tensor split on its columns over 2 ranks has runs of columns / 2
 elements starting columns apart; "aligned" runs start at multiples of 8, "unaligned" ones at
@@ -43,25 +45,45 @@ def _paired(unsharded, sharded, device: str, repeats: int):
             statistics.median(s / u for u, s in pairs))
 
 
-def rows(numel: int, dtype: torch.dtype, device: str, repeats: int):
-    """One row per run length and run start: the unsharded and the sharded pass over the same
-    local bytes."""
+def _ops_for(x, bias, residual, rng_state, rmap):
+    """(name, unsharded call, sharded call) for every sharded op, over the same local bytes."""
+    return [
+        ("dropout", lambda: ops.dropout(x, 0.1, 1, 0, None, 1),
+         lambda: ops.sharded_dropout(x, 0.1, *rmap, 1, 0, None, 1)),
+        ("dropout_", lambda: ops.dropout_(x, 0.1, 1, 0, None, 1),
+         lambda: ops.sharded_dropout_(x, 0.1, *rmap, 1, 0, None, 1)),
+        ("dropout_backward", lambda: ops.dropout_backward(x, rng_state, 0.1, 1),
+         lambda: ops.sharded_dropout_backward(x, rng_state, 0.1, *rmap, 1)),
+        ("bias_dropout_add", lambda: ops.bias_dropout_add(x, bias, residual, 0.1, 1, 0, None),
+         lambda: ops.sharded_bias_dropout_add(x, bias, residual, 0.1, *rmap, 1, 0, None)),
+        ("bias_dropout_add_backward", lambda: ops.bias_dropout_add_backward(x, rng_state, 0.1),
+         lambda: ops.sharded_bias_dropout_add_backward(x, rng_state, 0.1, *rmap)),
+    ]
+
+
+def rows(numel: int, dtype: torch.dtype, device: str, repeats: int, op_names=None):
+    """One row per op, run length and run start: the unsharded and the sharded pass over the
+    same local bytes."""
     out = []
     for run_length in (256, 1024, 4096, 1 << 16, numel // 2):
         runs = numel // run_length
         x = torch.randn(runs, run_length, device=device).to(dtype)
+        residual = torch.randn(runs, run_length, device=device).to(dtype)
+        bias = torch.randn(run_length, device=device).to(dtype)
+        rng_state = ops.dropout(x, 0.1, 1, 0, None, 1)[1]
         for start in (0, 3):
             # The local tensor is the columns [start, start + run_length) of a tensor
             # 2 * run_length wide.
             rmap = fdt.run_map((runs, 2 * run_length), (runs, run_length), (0, start))
-            base, t, ratio = _paired(lambda: ops.dropout(x, 0.1, 1, 0, None, 1),
-                                     lambda: ops.sharded_dropout(x, 0.1, *rmap, 1, 0, None, 1),
-                                     device, repeats)
-            out.append({"device": device, "dtype": str(dtype).replace("torch.", ""),
-                        "numel": runs * run_length, "run_length": run_length,
-                        "run_start": "aligned" if start == 0 else "8k+3",
-                        "unsharded_ms": round(base, 3), "sharded_ms": round(t, 3),
-                        "sharded_vs_unsharded": round(ratio, 3)})
+            for name, unsharded, sharded in _ops_for(x, bias, residual, rng_state, rmap):
+                if op_names and name not in op_names:
+                    continue
+                base, t, ratio = _paired(unsharded, sharded, device, repeats)
+                out.append({"device": device, "dtype": str(dtype).replace("torch.", ""),
+                            "op": name, "numel": runs * run_length, "run_length": run_length,
+                            "run_start": "aligned" if start == 0 else "8k+3",
+                            "unsharded_ms": round(base, 3), "sharded_ms": round(t, 3),
+                            "sharded_vs_unsharded": round(ratio, 3)})
     return out
 
 
@@ -71,18 +93,20 @@ def main() -> None:
     parser.add_argument("--numel", type=int, default=1 << 24)
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16", "float64"])
     parser.add_argument("--repeats", type=int, default=21)
+    parser.add_argument("--ops", nargs="*", help="only these ops (default: all)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
-    table = rows(args.numel, getattr(torch, args.dtype), args.device, args.repeats)
+    table = rows(args.numel, getattr(torch, args.dtype), args.device, args.repeats, args.ops)
     if args.json:
         print(json.dumps(table, indent=1))
         return
     print(f"fastdropout {fastdropout.__version__}, torch {torch.__version__}, {args.device}, "
           f"{torch.get_num_threads()} threads, {args.repeats} alternating pairs: fastest times, "
           "median ratio")
-    print(f"{'run length':>10} {'run start':>9} {'unsharded ms':>12} {'sharded ms':>10} {'ratio':>6}")
+    print(f"{'op':>25} {'run length':>10} {'run start':>9} {'unsharded ms':>12} {'sharded ms':>10} "
+          f"{'ratio':>6}")
     for r in table:
-        print(f"{r['run_length']:>10} {r['run_start']:>9} {r['unsharded_ms']:>12.3f} "
+        print(f"{r['op']:>25} {r['run_length']:>10} {r['run_start']:>9} {r['unsharded_ms']:>12.3f} "
               f"{r['sharded_ms']:>10.3f} {r['sharded_vs_unsharded']:>6.3f}")
 
 

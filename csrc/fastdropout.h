@@ -10,6 +10,7 @@
 #include <optional>
 
 #include "dropout_contract.h"
+#include "run_map.h"
 
 // The dtypes every kernel takes, dispatched in one place.
 #define FD_DISPATCH_FLOAT_TYPES(TYPE, NAME, ...) \
@@ -52,6 +53,9 @@ struct DropoutPass {
   // CUDA only: input and output share this layout and are read and written in place of it,
   // one pass (channel_numel is then 1, or b: one channel per (outer, a) row).
   BlockTransposed transposed = {};
+  // A DTensor shard's map (run_map.h): element e takes the bit of mask index
+  // global(e) / channel_numel. Null: global(e) = e. The buffers are then contiguous.
+  const RunMap* shard = nullptr;
 };
 
 // out = residual + (keep ? (x + bias) * scale : 0), float32 (float64) arithmetic, rounded once.
@@ -64,6 +68,7 @@ struct BiasDropoutAddForward {
   const at::Tensor* rng_state;
   const RngRequest* request;
   double p;
+  const RunMap* shard = nullptr;  // as DropoutPass::shard; the bias is the shard's columns
 };
 
 // grad_x = keep ? grad * scale : 0 and grad_bias = sum of grad_x over the leading dimensions,
@@ -74,6 +79,9 @@ struct BiasDropoutAddBackward {
   at::Tensor* grad_x;
   at::Tensor* grad_bias;  // undefined: no bias
   double p;
+  // As DropoutPass::shard. grad_bias is then the sum over the shard's own rows, in the
+  // contract's order over the local rows.
+  const RunMap* shard = nullptr;
 };
 
 void dropout_pass_cpu(const DropoutPass& pass);

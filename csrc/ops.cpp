@@ -20,7 +20,7 @@
 #include <unistd.h>
 #endif
 
-#include "fastdropout.h"
+#include "ops.h"
 
 // Importing fastdropout._C runs the static TORCH_LIBRARY initialisers below; the module itself
 // is empty (the operators are reached through torch.ops.fastdropout).
@@ -32,7 +32,6 @@ PyObject* PyInit__C(void) {
 }
 
 namespace fastdropout {
-namespace {
 
 using at::Tensor;
 
@@ -52,6 +51,10 @@ void check_floating(const Tensor& t, const char* name) {
               " must be on a CPU or CUDA device, got ", t.device());
 }
 
+void check_channel_numel(int64_t channel_numel) {
+  TORCH_CHECK(channel_numel >= 1, "fastdropout: channel_numel must be >= 1, got ", channel_numel);
+}
+
 void check_rng_state(const Tensor& rng_state, const Tensor& like) {
   TORCH_CHECK(rng_state.scalar_type() == at::kLong && rng_state.numel() == 2 &&
                   rng_state.is_contiguous(),
@@ -59,6 +62,8 @@ void check_rng_state(const Tensor& rng_state, const Tensor& like) {
   TORCH_CHECK(rng_state.device() == like.device(), "fastdropout: rng_state is on ",
               rng_state.device(), " but the tensor is on ", like.device());
 }
+
+namespace {
 
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
 // How many 2 MiB blocks the kernel's free lists hold right now (/proc/buddyinfo: free blocks of
@@ -197,8 +202,9 @@ std::optional<BlockTransposed> block_transposed_layout(const Tensor& t) {
 // place of a block-transposed layout (channels_last): one pass in and one out instead of a
 // copy to contiguous, the pass, and a copy back.
 Tensor run_pass_out_of_place(const Tensor& input, const Tensor& rng_state,
-                             const RngRequest* request, double p, int64_t channel_numel) {
-  if (input.is_cuda() && !input.is_contiguous()) {
+                             const RngRequest* request, double p, int64_t channel_numel,
+                             const RunMap* shard) {
+  if (input.is_cuda() && !input.is_contiguous() && shard == nullptr) {
     if (const auto layout = block_transposed_layout(input)) {
       if (channel_numel == 1 || channel_numel == layout->b) {
         Tensor out = new_output_like(input);
@@ -211,44 +217,63 @@ Tensor run_pass_out_of_place(const Tensor& input, const Tensor& rng_state,
   }
   const Tensor in = input.contiguous();
   OutputBuffer output(input, in);
-  run_pass(DropoutPass{&in, &output.work, &rng_state, request, p, channel_numel});
+  run_pass(DropoutPass{&in, &output.work, &rng_state, request, p, channel_numel, {}, shard});
   return output.finish();
 }
 
-std::tuple<Tensor, Tensor> dropout_op(const Tensor& x, double p, std::optional<int64_t> seed,
-                                      int64_t offset, std::optional<at::Generator> generator,
-                                      int64_t channel_numel) {
+}  // namespace
+
+std::tuple<Tensor, Tensor> dropout_forward(const Tensor& x, double p, const RngRequest& request,
+                                           int64_t channel_numel, const RunMap* shard) {
   check_p(p);
   check_floating(x, "x");
-  TORCH_CHECK(channel_numel >= 1, "fastdropout: channel_numel must be >= 1");
+  check_channel_numel(channel_numel);
   Tensor rng_state = new_rng_state(x);
-  const RngRequest request{seed, offset, std::move(generator)};
-  Tensor out = run_pass_out_of_place(x, rng_state, &request, p, channel_numel);
+  Tensor out = run_pass_out_of_place(x, rng_state, &request, p, channel_numel, shard);
   return {out, rng_state};
 }
 
-Tensor dropout_inplace_op(Tensor& x, double p, std::optional<int64_t> seed, int64_t offset,
-                          std::optional<at::Generator> generator, int64_t channel_numel) {
+Tensor dropout_forward_inplace(Tensor& x, double p, const RngRequest& request,
+                               int64_t channel_numel, const RunMap* shard) {
   check_p(p);
   check_floating(x, "x");
-  TORCH_CHECK(channel_numel >= 1, "fastdropout: channel_numel must be >= 1");
+  check_channel_numel(channel_numel);
   at::assert_no_internal_overlap(x);
   Tensor rng_state = new_rng_state(x);
-  const RngRequest request{seed, offset, std::move(generator)};
   // An element is read before it is written by the same thread, so in == out is safe.
   Tensor work = x.contiguous();
-  run_pass(DropoutPass{&work, &work, &rng_state, &request, p, channel_numel});
+  run_pass(DropoutPass{&work, &work, &rng_state, &request, p, channel_numel, {}, shard});
   if (!work.is_same(x)) x.copy_(work);
   return rng_state;
 }
 
-Tensor dropout_backward_op(const Tensor& grad, const Tensor& rng_state, double p,
-                           int64_t channel_numel) {
+Tensor dropout_backward(const Tensor& grad, const Tensor& rng_state, double p,
+                        int64_t channel_numel, const RunMap* shard) {
   check_p(p);
   check_floating(grad, "grad");
   check_rng_state(rng_state, grad);
-  TORCH_CHECK(channel_numel >= 1, "fastdropout: channel_numel must be >= 1");
-  return run_pass_out_of_place(grad, rng_state, nullptr, p, channel_numel);
+  check_channel_numel(channel_numel);
+  return run_pass_out_of_place(grad, rng_state, nullptr, p, channel_numel, shard);
+}
+
+namespace {
+
+std::tuple<Tensor, Tensor> dropout_op(const Tensor& x, double p, std::optional<int64_t> seed,
+                                      int64_t offset, std::optional<at::Generator> generator,
+                                      int64_t channel_numel) {
+  return dropout_forward(x, p, RngRequest{seed, offset, std::move(generator)}, channel_numel,
+                         nullptr);
+}
+
+Tensor dropout_inplace_op(Tensor& x, double p, std::optional<int64_t> seed, int64_t offset,
+                          std::optional<at::Generator> generator, int64_t channel_numel) {
+  return dropout_forward_inplace(x, p, RngRequest{seed, offset, std::move(generator)},
+                                 channel_numel, nullptr);
+}
+
+Tensor dropout_backward_op(const Tensor& grad, const Tensor& rng_state, double p,
+                           int64_t channel_numel) {
+  return dropout_backward(grad, rng_state, p, channel_numel, nullptr);
 }
 
 Tensor dropout_mask_op(const Tensor& rng_state, int64_t numel, double p) {
@@ -278,10 +303,13 @@ void check_bias_residual(const Tensor& x, const std::optional<Tensor>& bias,
               x.device(), "), got ", bias->scalar_type(), ", ", bias->device());
 }
 
-std::tuple<Tensor, Tensor> bias_dropout_add_op(const Tensor& x, const std::optional<Tensor>& bias,
-                                               const Tensor& residual, double p,
-                                               std::optional<int64_t> seed, int64_t offset,
-                                               std::optional<at::Generator> generator) {
+}  // namespace
+
+std::tuple<Tensor, Tensor> bias_dropout_add_forward(const Tensor& x,
+                                                    const std::optional<Tensor>& bias,
+                                                    const Tensor& residual, double p,
+                                                    const RngRequest& request,
+                                                    const RunMap* shard) {
   check_p(p);
   check_floating(x, "x");
   check_bias_residual(x, bias, residual);
@@ -290,14 +318,13 @@ std::tuple<Tensor, Tensor> bias_dropout_add_op(const Tensor& x, const std::optio
   const Tensor bc = bias.has_value() ? bias->contiguous() : Tensor();
   OutputBuffer output(x, xc);
   Tensor rng_state = new_rng_state(x);
-  const RngRequest request{seed, offset, std::move(generator)};
-  const BiasDropoutAddForward args{&xc, &bc, &rc, &output.work, &rng_state, &request, p};
+  const BiasDropoutAddForward args{&xc, &bc, &rc, &output.work, &rng_state, &request, p, shard};
   on_device(x, bias_dropout_add_forward_cpu, FD_CUDA_KERNEL(bias_dropout_add_forward_cuda), args);
   return {output.finish(), rng_state};
 }
 
-std::tuple<Tensor, Tensor> bias_dropout_add_backward_op(const Tensor& grad,
-                                                        const Tensor& rng_state, double p) {
+std::tuple<Tensor, Tensor> bias_dropout_add_backward(const Tensor& grad, const Tensor& rng_state,
+                                                     double p, const RunMap* shard) {
   check_p(p);
   check_floating(grad, "grad");
   check_rng_state(rng_state, grad);
@@ -305,10 +332,25 @@ std::tuple<Tensor, Tensor> bias_dropout_add_backward_op(const Tensor& grad,
   const Tensor gc = grad.contiguous();
   Tensor grad_x = new_output_like(gc);
   Tensor grad_bias = at::empty({grad.size(-1)}, grad.options());
-  const BiasDropoutAddBackward args{&gc, &rng_state, &grad_x, &grad_bias, p};
+  const BiasDropoutAddBackward args{&gc, &rng_state, &grad_x, &grad_bias, p, shard};
   on_device(grad, bias_dropout_add_backward_cpu, FD_CUDA_KERNEL(bias_dropout_add_backward_cuda),
             args);
   return {grad_x, grad_bias};
+}
+
+namespace {
+
+std::tuple<Tensor, Tensor> bias_dropout_add_op(const Tensor& x, const std::optional<Tensor>& bias,
+                                               const Tensor& residual, double p,
+                                               std::optional<int64_t> seed, int64_t offset,
+                                               std::optional<at::Generator> generator) {
+  return bias_dropout_add_forward(x, bias, residual, p,
+                                  RngRequest{seed, offset, std::move(generator)}, nullptr);
+}
+
+std::tuple<Tensor, Tensor> bias_dropout_add_backward_op(const Tensor& grad,
+                                                        const Tensor& rng_state, double p) {
+  return bias_dropout_add_backward(grad, rng_state, p, nullptr);
 }
 
 // Philox4x32-10 itself, for the known-answer tests: the same function every kernel calls.

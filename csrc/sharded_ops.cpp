@@ -1,41 +1,33 @@
 // Operators of the sharded path (DTensor shards, fastdropout/dtensor.py): the local tensor of a
-// shard and the map from its elements to the global tensor's logical indices (sharded.h).
+// shard and the map from its elements to the global tensor's logical indices (run_map.h). Each
+// is the unsharded operator of the same name (ops.cpp, the same checks and kernels) handed the
+// map, with the map's five arguments after p:
 //
 //   sharded_dropout(x, p, run_length, run_counts, run_strides, run_base, seed, offset,
 //                   generator, channel_numel) -> (out, rng_state)
-//   sharded_dropout_backward(grad, rng_state, p, run_length, run_counts, run_strides, run_base,
-//                            channel_numel) -> grad_in
+//   sharded_dropout_(x, p, <map>, seed, offset, generator, channel_numel) -> rng_state
+//   sharded_dropout_backward(grad, rng_state, p, <map>, channel_numel) -> grad_in
+//   sharded_bias_dropout_add(x, bias, residual, p, <map>, seed, offset, generator)
+//       -> (out, rng_state)
+//   sharded_bias_dropout_add_backward(grad, rng_state, p, <map>) -> (grad_x, grad_bias)
 //
 // (seed, offset) are taken exactly as by fastdropout::dropout (an explicit seed, or one draw
 // from the generator: the same draw on every rank whose generator is in the same state), so a
 // shard's result is its slice of what dropout() gives for the whole tensor. Their autograd and
 // fake kernels are registered in Python (fastdropout/dtensor.py); within a DTensor call they
-// run below fastdropout::dropout's own autograd.
+// run below the unsharded operators' own autograd.
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
 #include <optional>
 #include <vector>
 
-#include "sharded.h"
+#include "ops.h"
 
 namespace fastdropout {
 namespace {
 
 using at::Tensor;
-
-void check_input(const Tensor& t, const char* name, double p, int64_t channel_numel) {
-  TORCH_CHECK_VALUE(p >= 0.0 && p <= 1.0,
-                    "fastdropout: dropout probability p has to be between 0 and 1, but got ", p);
-  TORCH_CHECK(t.layout() == at::kStrided, "fastdropout: ", name, " must be a strided tensor");
-  const auto dtype = t.scalar_type();
-  TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf ||
-                  dtype == at::kBFloat16,
-              "fastdropout: ", name, " must be float32, float64, float16 or bfloat16, got ", dtype);
-  TORCH_CHECK(t.device().is_cpu() || t.device().is_cuda(), "fastdropout: ", name,
-              " must be on a CPU or CUDA device, got ", t.device());
-  TORCH_CHECK(channel_numel >= 1, "fastdropout: channel_numel must be >= 1");
-}
 
 // The map, checked against the local tensor: it must cover exactly its elements.
 RunMap make_run_map(const Tensor& t, int64_t run_length, at::IntArrayRef run_counts,
@@ -63,21 +55,15 @@ RunMap make_run_map(const Tensor& t, int64_t run_length, at::IntArrayRef run_cou
   return map;
 }
 
-void run_sharded_pass(const ShardedPass& pass) {
-#ifdef FASTDROPOUT_WITH_CUDA
-  if (pass.local.input->is_cuda()) return sharded_dropout_pass_cuda(pass);
-#endif
-  TORCH_CHECK(pass.local.input->is_cpu(), "fastdropout was built without CUDA kernels");
-  sharded_dropout_pass_cpu(pass);
-}
-
-Tensor sharded_pass(const Tensor& input, const Tensor& rng_state, const RngRequest* request,
-                    double p, int64_t channel_numel, const RunMap& map) {
-  const Tensor in = input.contiguous();
-  Tensor out = at::empty_like(in);
-  run_sharded_pass(
-      ShardedPass{DropoutPass{&in, &out, &rng_state, request, p, channel_numel}, map});
-  return out;
+// The fused kernels index the bias by the local column: every run must hold whole rows.
+RunMap make_row_run_map(const Tensor& t, int64_t run_length, at::IntArrayRef run_counts,
+                        at::IntArrayRef run_strides, int64_t run_base) {
+  const RunMap map = make_run_map(t, run_length, run_counts, run_strides, run_base);
+  TORCH_CHECK(t.dim() >= 1, "fastdropout: x must have at least one dimension");
+  TORCH_CHECK(t.numel() == 0 || run_length % t.size(-1) == 0,
+              "fastdropout: run_length (", run_length, ") must be a multiple of the local last "
+              "dimension (", t.size(-1), ")");
+  return map;
 }
 
 std::tuple<Tensor, Tensor> sharded_dropout_op(const Tensor& x, double p, int64_t run_length,
@@ -86,31 +72,49 @@ std::tuple<Tensor, Tensor> sharded_dropout_op(const Tensor& x, double p, int64_t
                                               std::optional<int64_t> seed, int64_t offset,
                                               std::optional<at::Generator> generator,
                                               int64_t channel_numel) {
-  check_input(x, "x", p, channel_numel);
   const RunMap map = make_run_map(x, run_length, run_counts, run_strides, run_base);
-  Tensor rng_state = at::empty({2}, x.options().dtype(at::kLong));
-  const RngRequest request{seed, offset, std::move(generator)};
-  Tensor out = sharded_pass(x, rng_state, &request, p, channel_numel, map);
-  return {out, rng_state};
+  return dropout_forward(x, p, RngRequest{seed, offset, std::move(generator)}, channel_numel,
+                         &map);
+}
+
+Tensor sharded_dropout_inplace_op(Tensor& x, double p, int64_t run_length,
+                                  at::IntArrayRef run_counts, at::IntArrayRef run_strides,
+                                  int64_t run_base, std::optional<int64_t> seed, int64_t offset,
+                                  std::optional<at::Generator> generator, int64_t channel_numel) {
+  const RunMap map = make_run_map(x, run_length, run_counts, run_strides, run_base);
+  return dropout_forward_inplace(x, p, RngRequest{seed, offset, std::move(generator)},
+                                 channel_numel, &map);
 }
 
 Tensor sharded_dropout_backward_op(const Tensor& grad, const Tensor& rng_state, double p,
                                    int64_t run_length, at::IntArrayRef run_counts,
                                    at::IntArrayRef run_strides, int64_t run_base,
                                    int64_t channel_numel) {
-  check_input(grad, "grad", p, channel_numel);
-  TORCH_CHECK(rng_state.scalar_type() == at::kLong && rng_state.numel() == 2 &&
-                  rng_state.is_contiguous() && rng_state.device() == grad.device(),
-              "fastdropout: rng_state must be a contiguous int64 tensor of 2 elements (seed, "
-              "offset) on the gradient's device");
   const RunMap map = make_run_map(grad, run_length, run_counts, run_strides, run_base);
-  return sharded_pass(grad, rng_state, nullptr, p, channel_numel, map);
+  return dropout_backward(grad, rng_state, p, channel_numel, &map);
+}
+
+std::tuple<Tensor, Tensor> sharded_bias_dropout_add_op(
+    const Tensor& x, const std::optional<Tensor>& bias, const Tensor& residual, double p,
+    int64_t run_length, at::IntArrayRef run_counts, at::IntArrayRef run_strides,
+    int64_t run_base, std::optional<int64_t> seed, int64_t offset,
+    std::optional<at::Generator> generator) {
+  const RunMap map = make_row_run_map(x, run_length, run_counts, run_strides, run_base);
+  return bias_dropout_add_forward(x, bias, residual, p,
+                                  RngRequest{seed, offset, std::move(generator)}, &map);
+}
+
+std::tuple<Tensor, Tensor> sharded_bias_dropout_add_backward_op(
+    const Tensor& grad, const Tensor& rng_state, double p, int64_t run_length,
+    at::IntArrayRef run_counts, at::IntArrayRef run_strides, int64_t run_base) {
+  const RunMap map = make_row_run_map(grad, run_length, run_counts, run_strides, run_base);
+  return bias_dropout_add_backward(grad, rng_state, p, &map);
 }
 
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(fastdropout, m) {
-  // A seeded random op, as fastdropout::dropout: torch.compile must not merge two calls.
+  // Seeded random ops, as their unsharded forms: torch.compile must not merge two calls.
   const std::vector<at::Tag> seeded = {at::Tag::nondeterministic_seeded};
   m.def(
       "sharded_dropout(Tensor x, float p, int run_length, int[] run_counts, int[] run_strides, "
@@ -118,19 +122,35 @@ TORCH_LIBRARY_FRAGMENT(fastdropout, m) {
       "int channel_numel=1) -> (Tensor, Tensor)",
       seeded);
   m.def(
+      "sharded_dropout_(Tensor(a!) x, float p, int run_length, int[] run_counts, "
+      "int[] run_strides, int run_base, int? seed=None, int offset=0, Generator? generator=None, "
+      "int channel_numel=1) -> Tensor",
+      seeded);
+  m.def(
       "sharded_dropout_backward(Tensor grad, Tensor rng_state, float p, int run_length, "
       "int[] run_counts, int[] run_strides, int run_base, int channel_numel=1) -> Tensor");
+  m.def(
+      "sharded_bias_dropout_add(Tensor x, Tensor? bias, Tensor residual, float p, "
+      "int run_length, int[] run_counts, int[] run_strides, int run_base, int? seed=None, "
+      "int offset=0, Generator? generator=None) -> (Tensor, Tensor)",
+      seeded);
+  m.def(
+      "sharded_bias_dropout_add_backward(Tensor grad, Tensor rng_state, float p, "
+      "int run_length, int[] run_counts, int[] run_strides, int run_base) -> (Tensor, Tensor)");
 }
 
-TORCH_LIBRARY_IMPL(fastdropout, CPU, m) {
-  m.impl("sharded_dropout", &sharded_dropout_op);
-  m.impl("sharded_dropout_backward", &sharded_dropout_backward_op);
-}
+#define FASTDROPOUT_REGISTER_SHARDED_BACKEND(KEY)                                   \
+  TORCH_LIBRARY_IMPL(fastdropout, KEY, m) {                                         \
+    m.impl("sharded_dropout", &sharded_dropout_op);                                 \
+    m.impl("sharded_dropout_", &sharded_dropout_inplace_op);                        \
+    m.impl("sharded_dropout_backward", &sharded_dropout_backward_op);               \
+    m.impl("sharded_bias_dropout_add", &sharded_bias_dropout_add_op);               \
+    m.impl("sharded_bias_dropout_add_backward", &sharded_bias_dropout_add_backward_op); \
+  }
+
+FASTDROPOUT_REGISTER_SHARDED_BACKEND(CPU)
 #ifdef FASTDROPOUT_WITH_CUDA
-TORCH_LIBRARY_IMPL(fastdropout, CUDA, m) {
-  m.impl("sharded_dropout", &sharded_dropout_op);
-  m.impl("sharded_dropout_backward", &sharded_dropout_backward_op);
-}
+FASTDROPOUT_REGISTER_SHARDED_BACKEND(CUDA)
 #endif
 
 }  // namespace fastdropout

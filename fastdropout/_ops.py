@@ -25,7 +25,8 @@ def _keep_compile_from_merging_calls() -> None:
         return
     rand_ops = getattr(compile_utils, "rand_ops", None)
     if isinstance(rand_ops, list):
-        for packet in (ops.dropout, ops.dropout_, ops.bias_dropout_add):
+        for packet in (ops.dropout, ops.dropout_, ops.bias_dropout_add, ops.sharded_dropout,
+                       ops.sharded_dropout_, ops.sharded_bias_dropout_add):
             if packet not in rand_ops:
                 rand_ops.append(packet)
 

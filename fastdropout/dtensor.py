@@ -6,7 +6,8 @@ logical index in the whole tensor, p). So a DTensor call maps each shard's local
 their global indices (a few integers: :func:`run_map`) and runs a kernel that draws the bit of
 the global index (``torch.ops.fastdropout.sharded_dropout``). The result is a DTensor with the
 input's placements whose ``full_tensor()`` equals the unsharded call bit for bit, whatever the
-mesh, the placements or the parallel degree:
+mesh, the placements or the parallel degree. The sharded ops are the unsharded ops' own
+kernels handed the map (one pass forward, one backward, in place where the call is):
 
 - ``Shard(d)`` on any dimension, even and uneven, on 1-D and 2-D (or larger) meshes;
 - ``Replicate``: every rank runs the plain kernel on the whole tensor, so replicas stay equal;
@@ -44,6 +45,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
+from . import _ops as _fakes
 from ._ops import ops
 
 __all__ = ["run_map", "shard_run_map", "AVAILABLE"]
@@ -58,7 +60,7 @@ except ImportError:  # a torch built without torch.distributed: no DTensor to ha
 # (run_length, run_counts, run_strides, run_base): the sharded ops' map arguments.
 RunMap = Tuple[int, List[int], List[int], int]
 
-# Must match kMaxRunLevels in csrc/sharded.h.
+# Must match kMaxRunLevels in csrc/run_map.h.
 _MAX_RUN_LEVELS = 4
 
 
@@ -202,9 +204,8 @@ def _dropout_inplace_rule(mode, func, types, args, kwargs):
         rng_state = ops.dropout_(local, a["p"], a["seed"], a["offset"], a["generator"],
                                  a["channel_numel"])
     else:
-        out, rng_state = _masked(local, rmap, a["p"], a["seed"], a["offset"], a["generator"],
-                                 a["channel_numel"])
-        local.copy_(out)
+        rng_state = ops.sharded_dropout_(local, a["p"], *rmap, a["seed"], a["offset"],
+                                         a["generator"], a["channel_numel"])
     return _replicated(rng_state, x.device_mesh)
 
 
@@ -260,17 +261,7 @@ def _bias_dropout_add_rule(mode, func, types, args, kwargs):
     if rmap is None:
         out, rng_state = ops.bias_dropout_add(xl, bl, rl, p, seed, off, generator)
     else:
-        # The fused kernel's arithmetic, step by step: (x + bias) in the accumulation type,
-        # masked and scaled there (the sharded kernel rounds to that type, as the fused one
-        # does), plus the residual there, one rounding to x's dtype; NaN made canonical.
-        acc = torch.float64 if xl.dtype == torch.float64 else torch.float32
-        v = xl.to(acc)
-        if bl is not None:
-            v = v + bl.to(acc)
-        dropped, rng_state = ops.sharded_dropout(v, p, *rmap, seed, off, generator, 1)
-        total = rl.to(acc) + dropped
-        total.masked_fill_(total.isnan(), float("nan"))
-        out = total.to(xl.dtype)
+        out, rng_state = ops.sharded_bias_dropout_add(xl, bl, rl, p, *rmap, seed, off, generator)
     return _like(out, x, placements), _replicated(rng_state, x.device_mesh)
 
 
@@ -292,10 +283,9 @@ def _bias_dropout_add_backward_rule(mode, func, types, args, kwargs):
     if rmap is None:
         grad_x, grad_bias = ops.bias_dropout_add_backward(gl, rng_state, p)
     else:
-        grad_x = ops.sharded_dropout_backward(gl, rng_state, p, *rmap, 1)
-        acc = torch.float64 if gl.dtype == torch.float64 else torch.float32
-        columns = gl.shape[-1]
-        grad_bias = grad_x.reshape(-1, columns).sum(0, dtype=acc).to(gl.dtype)
+        # grad_bias: the sum over this shard's rows (in the contract's order over them); the
+        # sum over the shards is the Partial placement's reduction.
+        grad_x, grad_bias = ops.sharded_bias_dropout_add_backward(gl, rng_state, p, *rmap)
     mesh = grad.device_mesh
     grad_bias = DTensor.from_local(grad_bias, mesh, bias_placements, run_check=False,
                                    shape=torch.Size(grad.shape[-1:]), stride=(1,))
@@ -304,14 +294,30 @@ def _bias_dropout_add_backward_rule(mode, func, types, args, kwargs):
 
 # --- registration --------------------------------------------------------------------------------
 
+# The fakes of the unsharded ops, whose layouts the sharded ops share (ops.cpp runs both).
 def _sharded_fake(x, p, run_length, run_counts, run_strides, run_base, seed=None, offset=0,
                   generator=None, channel_numel=1):
-    return torch.empty_like(x, memory_format=torch.contiguous_format), x.new_empty((2,), dtype=torch.int64)
+    return _fakes._dropout_fake(x, p)
+
+
+def _sharded_inplace_fake(x, p, run_length, run_counts, run_strides, run_base, seed=None,
+                          offset=0, generator=None, channel_numel=1):
+    return _fakes._dropout_inplace_fake(x, p)
 
 
 def _sharded_backward_fake(grad, rng_state, p, run_length, run_counts, run_strides, run_base,
                            channel_numel=1):
-    return torch.empty_like(grad, memory_format=torch.contiguous_format)
+    return _fakes._dropout_backward_fake(grad, rng_state, p)
+
+
+def _sharded_bias_dropout_add_fake(x, bias, residual, p, run_length, run_counts, run_strides,
+                                   run_base, seed=None, offset=0, generator=None):
+    return _fakes._bias_dropout_add_fake(x, bias, residual, p)
+
+
+def _sharded_bias_dropout_add_backward_fake(grad, rng_state, p, run_length, run_counts,
+                                            run_strides, run_base):
+    return _fakes._bias_dropout_add_backward_fake(grad, rng_state, p)
 
 
 def _setup_sharded(ctx, inputs, output) -> None:
@@ -338,14 +344,53 @@ def _sharded_backward_grad(ctx, grad):
     return (g,) + (None,) * 7
 
 
+def _setup_sharded_bias_dropout_add(ctx, inputs, output) -> None:
+    ctx.p = inputs[3]
+    ctx.map_args = inputs[4:8]  # run_length, run_counts, run_strides, run_base
+    ctx.has_bias = inputs[1] is not None
+    ctx.save_for_backward(output[1])
+
+
+def _sharded_bias_dropout_add_grad(ctx, grad, _grad_rng_state):
+    (rng_state,) = ctx.saved_tensors
+    grad_x, grad_bias = ops.sharded_bias_dropout_add_backward(grad, rng_state, ctx.p,
+                                                              *ctx.map_args)
+    return (grad_x, grad_bias if ctx.has_bias else None, grad) + (None,) * 8
+
+
+def _setup_sharded_bias_dropout_add_backward(ctx, inputs, output) -> None:
+    ctx.p = inputs[2]
+    ctx.map_args = inputs[3:7]
+    ctx.save_for_backward(inputs[1])
+
+
+def _sharded_bias_dropout_add_backward_grad(ctx, grad_grad_x, grad_grad_bias):
+    # grad_x = mask(grad) and grad_bias = column sums of grad_x: both linear in grad, so the
+    # gradient with respect to grad is mask(grad_grad_x + grad_grad_bias broadcast over rows).
+    (rng_state,) = ctx.saved_tensors
+    g = grad_grad_x + grad_grad_bias
+    return (ops.sharded_dropout_backward(g, rng_state, ctx.p, *ctx.map_args, 1),) + (None,) * 6
+
+
 def _register() -> None:
     torch.library.register_fake("fastdropout::sharded_dropout", _sharded_fake)
+    torch.library.register_fake("fastdropout::sharded_dropout_", _sharded_inplace_fake)
     torch.library.register_fake("fastdropout::sharded_dropout_backward", _sharded_backward_fake)
+    torch.library.register_fake("fastdropout::sharded_bias_dropout_add",
+                                _sharded_bias_dropout_add_fake)
+    torch.library.register_fake("fastdropout::sharded_bias_dropout_add_backward",
+                                _sharded_bias_dropout_add_backward_fake)
     # Linear in the input for a fixed mask: the backward (and its backward) is the same pass.
     torch.library.register_autograd("fastdropout::sharded_dropout", _sharded_grad,
                                     setup_context=_setup_sharded)
     torch.library.register_autograd("fastdropout::sharded_dropout_backward",
                                     _sharded_backward_grad, setup_context=_setup_sharded_backward)
+    torch.library.register_autograd("fastdropout::sharded_bias_dropout_add",
+                                    _sharded_bias_dropout_add_grad,
+                                    setup_context=_setup_sharded_bias_dropout_add)
+    torch.library.register_autograd("fastdropout::sharded_bias_dropout_add_backward",
+                                    _sharded_bias_dropout_add_backward_grad,
+                                    setup_context=_setup_sharded_bias_dropout_add_backward)
     if not AVAILABLE:
         return
     for name, rule in (("dropout", _dropout_rule), ("dropout_", _dropout_inplace_rule),

@@ -7,14 +7,17 @@
 #   env               10s  GPU, driver, torch, nvcc, tools (no GPU: says so and exits 2)
 #   build            140s  setup.py build_ext --inplace, sm_90, every core, ptxas -v
 #   sass              20s  scripts/sass_report.py: per-kernel registers, spills, 16-byte accesses
-#   correctness       75s  pytest -m gpu_stage2 (+ the NaN rule on CUDA): CPU vs CUDA bitwise
-#   bench             70s  2^28 fp32/bf16/fp16 fwd/bwd/fwd+bwd vs copy and torch eager; fused shapes
+#   correctness       75s  pytest -m gpu_stage2 (+ the NaN rule and the sharded ops on CUDA):
+#                          CPU vs CUDA bitwise, shards vs slices of the unsharded result
+#   bench             80s  2^28 fp32/bf16/fp16 fwd/bwd/fwd+bwd vs copy and torch eager; fused
+#                          shapes; then bench/sharded.py (2^26 bf16: every sharded op vs unsharded)
 #   bench-small       25s  4K..64K elements (host overhead), first-call rows
 #   memcheck          55s  compute-sanitizer memcheck, PYTORCH_NO_CUDA_MEMORY_CACHING=1, over 32
-#                          correctness tests that launch every kernel (views, NaN, misaligned, permuted)
-#   racecheck         35s  racecheck on 21 fused tests (fp32 and fp64 accumulators), if a kernel
+#                          correctness tests that launch every kernel (views, NaN, misaligned,
+#                          permuted) and the 2 sharded-op tests on CUDA
+#   racecheck         30s  racecheck on 21 fused tests (fp32 and fp64 accumulators), if a kernel
 #                          uses shared memory (from the SASS report)
-#   -- the budgets above add up to 430 s, 454 s with each stage's 3 s kill grace --
+#   -- the budgets above add up to 435 s, 459 s with each stage's 3 s kill grace --
 #   cuda-rest         60s  the other CUDA tests and the fuzz tests         } only with the time
 #   compile-bench     90s  torch.compile rows (2^28 bf16, fused 65536x4096) } that is left, in
 #   suite-rest       120s  the rest of the suite                            } this order
@@ -61,11 +64,12 @@ stage_body() {
       "$py" scripts/sass_report.py --json "$WORK/sass.json"
       ;;
     correctness)   # CPU vs CUDA bit for bit, views, > 2^31 elements, graphs, grad_bias, NaN rule
-      "${pytest_cmd[@]}" tests -k "gpu_stage2 or (cuda and nan)" --durations=8
+      "${pytest_cmd[@]}" tests -k "gpu_stage2 or (cuda and nan) or (sharded and cuda)" --durations=8
       ;;
     bench)
       "$py" -m fastdropout.bench --device cuda --sizes 28 --dtypes fp32,bf16,fp16 \
-        --fused-shapes 65536x4096,4096x4096,16384x1024 --no-compile --json "$WORK/bench-large.json"
+        --fused-shapes 65536x4096,4096x4096,16384x1024 --no-compile --json "$WORK/bench-large.json" &&
+      timeout 25 "$py" bench/sharded.py --device cuda --numel $((1 << 26)) --dtype bfloat16 --repeats 9
       ;;
     bench-small)
       "$py" -m fastdropout.bench --device cuda --quick --sizes 12,14,16 --dtypes fp32,bf16,fp16 \
@@ -73,8 +77,8 @@ stage_body() {
       ;;
     memcheck)
       PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool memcheck --error-exitcode 9 $(kernel_filter) \
-        "${pytest_cmd[@]}" tests/test_cuda.py \
-        -k "views_match or nan_rule or misaligned_fused or permuted_layouts or (bit_identical and 4099)"
+        "${pytest_cmd[@]}" tests/test_cuda.py tests/test_dtensor.py \
+        -k "views_match or nan_rule or misaligned_fused or permuted_layouts or (bit_identical and 4099) or (sharded and cuda)"
       ;;
     racecheck)
       if ! "$py" - "$WORK/sass.json" <<'EOF'
@@ -129,8 +133,8 @@ MIN_STAGE=10     # no stage starts with less than this left
 ALL_STAGES="env build sass correctness bench bench-small memcheck racecheck cuda-rest compile-bench suite-rest"
 SELECTED=" $(echo "${FD_CHECK_STAGES:-$ALL_STAGES}" | tr ',' ' ') "
 NEEDS_GPU=" bench bench-small memcheck racecheck compile-bench "
-declare -A BUDGET=([env]=10 [build]=140 [sass]=20 [correctness]=75 [bench]=70 [bench-small]=25
-                   [memcheck]=55 [racecheck]=35 [cuda-rest]=60 [compile-bench]=90 [suite-rest]=120)
+declare -A BUDGET=([env]=10 [build]=140 [sass]=20 [correctness]=75 [bench]=80 [bench-small]=25
+                   [memcheck]=55 [racecheck]=30 [cuda-rest]=60 [compile-bench]=90 [suite-rest]=120)
 declare -A LOG=([env]=env [build]=build.log [sass]=build.log [correctness]=tests.log [bench]=bench.txt
                 [bench-small]=bench.txt [memcheck]=sanitizer.log [racecheck]=sanitizer.log
                 [cuda-rest]=tests.log [compile-bench]=bench.txt [suite-rest]=tests.log)

@@ -563,7 +563,10 @@ def _is_wide(opcode: str) -> bool:
 
 
 def subroutines(instrs: List[Instr]) -> Dict[int, Tuple[int, int]]:
-    """Call target address -> (first, last) instruction index of the subroutine (up to its RET)."""
+    """Call target address -> (first, last) instruction index of the subroutine (up to its RET).
+    Not every CALL enters a subroutine: ptxas also leaves a divergent loop by a CALL.REL.NOINC
+    to its reconvergence point (a BSYNC in the kernel's own body). A target is a subroutine
+    only if a RET follows it with no EXIT in between (the kernel's body ends in EXITs)."""
     index = {ins.addr: k for k, ins in enumerate(instrs)}
     result = {}
     for ins in instrs:
@@ -571,8 +574,10 @@ def subroutines(instrs: List[Instr]) -> Dict[int, Tuple[int, int]]:
             m = re.search(r"0x[0-9a-f]+", ins.operands[-1])
             if m and int(m.group(0), 16) in index:
                 start = index[int(m.group(0), 16)]
-                end = next((k for k in range(start, len(instrs)) if instrs[k].opcode.startswith("RET")), len(instrs) - 1)
-                result[int(m.group(0), 16)] = (start, end)
+                end = next((k for k in range(start, len(instrs))
+                            if instrs[k].opcode.startswith(("RET", "EXIT"))), None)
+                if end is not None and instrs[end].opcode.startswith("RET"):
+                    result[int(m.group(0), 16)] = (start, end)
     return result
 
 
@@ -590,15 +595,17 @@ def _conditional(ins: Instr) -> bool:
 
 
 def basic_blocks(instrs: List[Instr]) -> Tuple[Dict[int, int], Dict[int, List[int]]]:
-    """(block start -> end, block start -> successor block starts); blocks by instruction index."""
+    """(block start -> end, block start -> successor block starts); blocks by instruction index.
+    A CALL goes to its target and on after it (a subroutine returns; a CALL.REL.NOINC that
+    leaves a loop is reached only that way, so its target must be a successor)."""
     index = {ins.addr: k for k, ins in enumerate(instrs)}
-    enders = ("BRA", "JMP", "BRX", "JMX", "EXIT", "RET")
+    enders = ("BRA", "JMP", "BRX", "JMX", "EXIT", "RET", "CALL")
     leaders = {0}
     for k, ins in enumerate(instrs):
         base = ins.opcode.split(".")[0]
         if base in enders:
             leaders.add(k + 1)
-            target = _branch_target(ins) if base in ("BRA", "JMP") else None
+            target = _branch_target(ins) if base in ("BRA", "JMP", "CALL") else None
             if target in index:
                 leaders.add(index[target])
     starts = sorted(k for k in leaders if k < len(instrs))
@@ -611,6 +618,9 @@ def basic_blocks(instrs: List[Instr]) -> Tuple[Dict[int, int], Dict[int, List[in
         if base in ("BRA", "JMP"):
             target = _branch_target(last)
             succ[a] = ([index[target]] if target in index else []) + (nxt if _conditional(last) else [])
+        elif base == "CALL":
+            target = _branch_target(last)
+            succ[a] = ([index[target]] if target in index else []) + nxt
         elif base in ("EXIT", "RET"):
             succ[a] = nxt if _conditional(last) else []
         else:

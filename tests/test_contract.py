@@ -195,10 +195,12 @@ def test_bias_dropout_add_nans_are_canonical(dtype):
 
 
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
-@pytest.mark.parametrize("shape", [(1, 8), (63, 8), (64, 16), (65, 5), (2563, 24), (70001, 2)])
+@pytest.mark.parametrize("shape", [(1, 8), (63, 8), (64, 16), (65, 5), (2563, 24), (70001, 2),
+                                   (1, 9001), (130, 9001)])
 def test_bias_grad_follows_the_contracts_summation_order(dtype, shape):
     """grad_bias is summed in the order the contract fixes (slices, chunks, fan-in levels), bit
-    for bit: 1 chunk, 2 chunks, 41 chunks (2 levels), 1094 chunks (3 levels)."""
+    for bit: 1 chunk, 2 chunks, 41 chunks (2 levels), 1094 chunks (3 levels); rows wider than
+    the CPU kernel's 4096-column blocks, one chunk and 3 chunks (a fan-in level)."""
     torch.manual_seed(0)
     x = torch.randn(shape).to(dtype).requires_grad_()
     b = torch.randn(shape[-1]).to(dtype).requires_grad_()

@@ -145,6 +145,34 @@ def case_dropout_module_and_inplace(device, world):
     assert_bits_equal(z.full_tensor(), fastdropout.dropout(full, 0.25, seed=8), "inplace")
 
 
+def case_compile(device, world):
+    """torch.compile over DTensor inputs (aot_eager: the graphs dynamo builds, and the fakes):
+    forward and backward equal the eager unsharded call, as torch's own dropout compiles there."""
+    mesh = init_device_mesh(device, (world,))
+    full, res = _data((5, 7), torch.float32, device, 6), _data((5, 7), torch.float32, device, 7)
+    bias = _data((7,), torch.float32, device, 8)
+
+    def f(t):
+        return fastdropout.dropout(t, 0.4, seed=9).sin()
+
+    for placements in ([Shard(1)], [Shard(0)], [Replicate()]):
+        torch._dynamo.reset()
+        x = _dtensor(full, mesh, placements, requires_grad=True)
+        ref_x = full.clone().requires_grad_()
+        y, ref = torch.compile(f, backend="aot_eager")(x), f(ref_x)
+        y.sum().backward()
+        ref.sum().backward()
+        what = f"compiled dropout {placements}"
+        assert_bits_equal(y.full_tensor(), ref, what)
+        assert_bits_equal(x.grad.full_tensor(), ref_x.grad, what + " grad")
+        g = torch.compile(lambda a, b, r: fastdropout.bias_dropout_add(a, b, r, 0.3, seed=4),
+                          backend="aot_eager")
+        out = g(_dtensor(full, mesh, placements), distribute_tensor(bias, mesh, [Replicate()]),
+                _dtensor(res, mesh, placements))
+        assert_bits_equal(out.full_tensor(), fastdropout.bias_dropout_add(full, bias, res, 0.3, seed=4),
+                          f"compiled bias_dropout_add {placements}")
+
+
 def case_channel_dropout(device, world):
     """dropout2d / dropout1d: the channel of a global index, whatever dimension is sharded
     (the spatial one included: a channel then spans two ranks)."""
@@ -312,7 +340,7 @@ def case_transformer_block(device, world):
 GROUPS = {
     2: [case_dropout_explicit_seed, case_dropout_default_generator, case_dropout_module_and_inplace,
         case_channel_dropout, case_bias_dropout_add, case_rejects_unsupported_placement,
-        case_transformer_block],
+        case_transformer_block, case_compile],
     4: [case_dropout_explicit_seed, case_dropout_default_generator, case_dropout_module_and_inplace,
         case_channel_dropout, case_bias_dropout_add],
 }
@@ -432,6 +460,128 @@ def test_sharded_op_matches_slices_of_the_unsharded_mask(device):
             assert_bits_equal(back, ref[box], f"{dtype} {lo} {hi} backward")
             chan, _ = ops.sharded_dropout(full[box], 0.3, *rmap, 21, 4, None, 67 * 7)
             assert_bits_equal(chan, ops.dropout(full, 0.3, 21, 4, None, 67 * 7)[0][box], "channels")
+
+
+def _boxes(shape, boxes):
+    import fastdropout.dtensor as fdt
+    for lo, hi in boxes:
+        box = tuple(slice(a, b) for a, b in zip(lo, hi))
+        yield box, fdt.run_map(shape, [b - a for a, b in zip(lo, hi)], lo), f"{lo} {hi}"
+
+
+# Boxes of (5, 7, 24) and (3, 100, 16): row starts off multiples of 8, 8-aligned columns,
+# columns not a multiple of 8, and one of 240 rows (four 64-row chunks of grad_bias).
+_FUSED_CASES = [((5, 7, 24), [((1, 2, 3), (4, 6, 21)), ((0, 0, 8), (5, 7, 16)),
+                              ((0, 0, 4), (5, 7, 20)), ((2, 3, 0), (3, 4, 24)),
+                              ((0, 1, 0), (5, 6, 24)), ((1, 0, 5), (2, 7, 6))]),
+                ((3, 100, 16), [((0, 10, 8), (3, 90, 16)), ((1, 3, 0), (3, 100, 16))])]
+
+
+@pytest.mark.parametrize("device", devices())
+def test_sharded_inplace_and_fused_ops_match_slices(device):
+    """sharded_dropout_ (in place, on a contiguous local and on a strided view) and the fused
+    sharded_bias_dropout_add forward and backward: every box gets exactly its slice of the
+    unsharded result, and grad_bias is the contract-order sum of the box's own grad_x rows."""
+    from reference import bias_grad
+    ops = torch.ops.fastdropout
+    for shape, boxes in _FUSED_CASES:
+        for dtype in DTYPES:
+            full = _data(shape, dtype, device, 2)
+            res = _data(shape, dtype, device, 3)
+            bias = _data(shape[-1:], dtype, device, 4)
+            ref, state = ops.dropout(full, 0.3, 21, 4, None, 1)
+            fused, fused_state = ops.bias_dropout_add(full, bias, res, 0.3, 21, 4, None)
+            fused_no_bias, _ = ops.bias_dropout_add(full, None, res, 0.3, 21, 4, None)
+            grad_x_ref, _ = ops.bias_dropout_add_backward(full, fused_state, 0.3)
+            for box, rmap, where in _boxes(shape, boxes):
+                what = f"{shape} {dtype} {where}"
+                local = full[box].clone(memory_format=torch.contiguous_format)
+                got_state = ops.sharded_dropout_(local, 0.3, *rmap, 21, 4, None, 1)
+                assert_bits_equal(local, ref[box], what + " in place")
+                assert torch.equal(got_state, state)
+                strided = full.clone()
+                ops.sharded_dropout_(strided[box], 0.3, *rmap, 21, 4, None, 1)
+                outside = torch.ones(shape, dtype=torch.bool, device=device)
+                outside[box] = False
+                assert_bits_equal(strided[box], ref[box], what + " in place, strided view")
+                assert torch.equal(strided[outside], full[outside]), what + ": wrote outside its box"
+                columns = slice(box[-1].start, box[-1].stop)
+                out, got_state = ops.sharded_bias_dropout_add(full[box], bias[columns], res[box],
+                                                              0.3, *rmap, 21, 4, None)
+                assert_bits_equal(out, fused[box], what + " bias_dropout_add")
+                assert torch.equal(got_state, fused_state)
+                out, _ = ops.sharded_bias_dropout_add(full[box], None, res[box], 0.3, *rmap, 21, 4,
+                                                      None)
+                assert_bits_equal(out, fused_no_bias[box], what + " bias_dropout_add, no bias")
+                grad_x, grad_bias = ops.sharded_bias_dropout_add_backward(full[box], fused_state,
+                                                                          0.3, *rmap)
+                assert_bits_equal(grad_x, grad_x_ref[box], what + " grad_x")
+                assert_bits_equal(grad_bias.cpu(), bias_grad(grad_x), what + " grad_bias")
+
+
+@pytest.mark.parametrize("device", devices())
+def test_sharded_ops_on_random_boxes(device):
+    """Random shapes and boxes (fixed seed): runs shorter than 8, runs straddling groups of 8,
+    boxes of one element; every sharded op equals the slice of its unsharded result."""
+    import fastdropout.dtensor as fdt
+    from reference import bias_grad
+    ops = torch.ops.fastdropout
+    g = torch.Generator().manual_seed(2024)
+    for trial in range(40):
+        ndim = int(torch.randint(1, 4, (), generator=g))
+        shape = tuple(int(v) for v in torch.randint(1, 13, (ndim,), generator=g))
+        lo = tuple(int(torch.randint(0, n, (), generator=g)) for n in shape)
+        hi = tuple(int(torch.randint(a + 1, n + 1, (), generator=g)) for a, n in zip(lo, shape))
+        box = tuple(slice(a, b) for a, b in zip(lo, hi))
+        rmap = fdt.run_map(shape, [b - a for a, b in zip(lo, hi)], lo)
+        if rmap is None:
+            continue
+        what = f"trial {trial}: {shape} {lo} {hi}"
+        full, res = _data(shape, torch.float32, device, trial), _data(shape, torch.float32, device, 99)
+        bias = _data(shape[-1:], torch.float32, device, 98)
+        ref, state = ops.dropout(full, 0.5, 3, trial, None, 1)
+        out, _ = ops.sharded_dropout(full[box], 0.5, *rmap, 3, trial, None, 1)
+        assert_bits_equal(out, ref[box], what)
+        channel = shape[-1]
+        out, _ = ops.sharded_dropout(full[box], 0.5, *rmap, 3, trial, None, channel)
+        assert_bits_equal(out, ops.dropout(full, 0.5, 3, trial, None, channel)[0][box], what + " channels")
+        fused, fused_state = ops.bias_dropout_add(full, bias, res, 0.5, 3, trial, None)
+        out, _ = ops.sharded_bias_dropout_add(full[box], bias[box[-1]], res[box], 0.5, *rmap, 3, trial,
+                                              None)
+        assert_bits_equal(out, fused[box], what + " bias_dropout_add")
+        grad_x, grad_bias = ops.sharded_bias_dropout_add_backward(full[box], fused_state, 0.5, *rmap)
+        assert_bits_equal(grad_x, ops.bias_dropout_add_backward(full, fused_state, 0.5)[0][box],
+                          what + " grad_x")
+        assert_bits_equal(grad_bias.cpu(), bias_grad(grad_x), what + " grad_bias")
+
+
+def test_sharded_ops_opcheck():
+    """The sharded ops pass torch.library.opcheck (schemas, fakes, autograd registration)."""
+    import fastdropout.dtensor as fdt
+    ops = torch.ops.fastdropout
+    shape, lo, local = (6, 20), (1, 5), (4, 8)
+    rmap = fdt.run_map(shape, local, lo)
+    x = torch.randn(local, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(local[-1:], dtype=torch.float64, requires_grad=True)
+    r = torch.randn(local, dtype=torch.float64, requires_grad=True)
+    _, rng = ops.sharded_dropout(x, 0.3, *rmap, 7, 3, None, 1)
+    torch.library.opcheck(ops.sharded_dropout.default, (x, 0.3, *rmap, 7, 3, None, 1))
+    torch.library.opcheck(ops.sharded_dropout.default, (x, 0.3, *rmap, 7, 3, None, 4))
+    torch.library.opcheck(ops.sharded_dropout_.default, (x.detach().clone(), 0.3, *rmap, 7, 3,
+                                                         None, 1))
+    torch.library.opcheck(ops.sharded_dropout_backward.default, (x, rng, 0.3, *rmap, 1))
+    torch.library.opcheck(ops.sharded_bias_dropout_add.default, (x, b, r, 0.3, *rmap, 7, 3, None))
+    torch.library.opcheck(ops.sharded_bias_dropout_add.default,
+                          (x, None, r, 0.3, *rmap, 7, 3, None))
+    torch.library.opcheck(ops.sharded_bias_dropout_add_backward.default, (x, rng, 0.3, *rmap))
+    # double backward through the fused op: the gradient is linear in grad
+    out, _ = ops.sharded_bias_dropout_add(x, b, r, 0.3, *rmap, 7, 3, None)
+    assert torch.autograd.gradcheck(
+        lambda g: ops.sharded_bias_dropout_add_backward(g, rng, 0.3, *rmap),
+        (torch.randn(local, dtype=torch.float64, requires_grad=True),))
+    with pytest.raises(RuntimeError, match="multiple of the local last dimension"):
+        ops.sharded_bias_dropout_add(torch.ones(4, 10), None, torch.ones(4, 10), 0.5, 5, [8],
+                                     [20], 5, 3, 0, None)
 
 
 def test_sharded_op_autograd_and_bad_map():

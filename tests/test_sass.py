@@ -93,6 +93,20 @@ def test_vector_kernel_without_16_byte_store_fails_but_its_scalar_twin_does_not(
     assert analyse(MANGLED_FALSE, narrow, tmp_path=tmp_path).failures == []
 
 
+def test_a_loop_exit_call_is_not_a_subroutine(tmp_path):
+    """ptxas leaves a divergent loop through CALL.REL.NOINC to its BSYNC (the loop branches
+    back otherwise): the code after that is still the kernel's, reached only through the CALL
+    (its 16-byte store counts), and no RET means no subroutine."""
+    body = VECTOR_BODY.replace(
+        "        /*00d0*/                   STG.E.128",
+        "        /*00c4*/               @P1 CALL.REL.NOINC 0xcc ;                      /* 0x0 */\n"
+        "        /*00c8*/                   BRA 0x80 ;                                 /* 0x0 */\n"
+        "        /*00cc*/                   BSYNC B0 ;                                 /* 0x0 */\n"
+        "        /*00d0*/                   STG.E.128")
+    r = analyse(MANGLED_TRUE, body, tmp_path=tmp_path)
+    assert r.failures == [] and r.st16 == 1 and r.div_calls == 0
+
+
 def test_vector_kernel_without_a_source_definition_is_still_checked():
     r = analyse(MANGLED_TRUE.replace("19dropout_cuda_kernel", "19dropout_fwd_cuda_kernel"),
                 VECTOR_BODY.replace(".128", ""))

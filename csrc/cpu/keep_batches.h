@@ -10,6 +10,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstdlib>
+#include <cstring>
 
 #include "../fastdropout.h"
 
@@ -49,6 +50,15 @@ inline void fill_keep_bytes(uint8_t* keep, RngPair rng, int64_t group, int64_t c
   if (use_avx2()) {
     k = count & ~int64_t{7};
     keep_bytes_avx2(keep, rng.seed, rng.offset, group, k, threshold);
+    // A remainder of 2 to 7 groups: one more call of 8 lanes costs less than that many scalar
+    // calls (a run of 33 groups, e.g. 256 elements from a global start of 8k + 3, spent a
+    // quarter of its Philox time on one scalar call otherwise).
+    if (count - k >= 2) {
+      uint8_t lanes[8 * kElementsPerPhilox];
+      keep_bytes_avx2(lanes, rng.seed, rng.offset, group + k, 8, threshold);
+      std::memcpy(keep + k * kElementsPerPhilox, lanes, (count - k) * kElementsPerPhilox);
+      return;
+    }
   }
 #endif
   for (; k < count; ++k) {
@@ -75,6 +85,54 @@ void for_keep_batches(RngPair rng, uint32_t threshold, int64_t begin, int64_t en
     body(begin, count, keep + skip);
     begin += count;
   }
+}
+
+// Calls piece(local, global, count) for the pieces of local elements [begin, end) that lie in
+// one run of a shard's map each: local elements local .. local + count - 1 have global indices
+// global .. global + count - 1.
+// Divides once, for the first run; the next runs' starts follow by counting up the run's
+// mixed-radix digits (runs of a few hundred elements: divisions per run cost ~10%).
+template <typename Piece>
+void for_run_pieces(const RunMap& map, int64_t begin, int64_t end, Piece&& piece) {
+  if (begin >= end) return;
+  int64_t run = begin / map.run_length;
+  int64_t pos = begin - run * map.run_length;
+  int64_t digit[kMaxRunLevels] = {};
+  int64_t start = map.base;
+  for (int l = map.levels - 1; l >= 0; --l) {
+    digit[l] = run % map.counts[l];
+    run /= map.counts[l];
+    start += digit[l] * map.strides[l];
+  }
+  for (;;) {
+    const int64_t count = std::min(end - begin, map.run_length - pos);
+    piece(begin, start + pos, count);
+    begin += count;
+    if (begin >= end) return;
+    pos = 0;
+    for (int l = map.levels - 1; l >= 0; --l) {  // the next run: last digit fastest
+      start += map.strides[l];
+      if (++digit[l] < map.counts[l]) break;
+      start -= digit[l] * map.strides[l];
+      digit[l] = 0;
+    }
+  }
+}
+
+// for_keep_batches over LOCAL elements [begin, end): body(first, count, keep) with keep[k] the
+// keep byte of local element first + k, whose mask index is its global index under `shard`
+// (null: its own index). Every CPU kernel but the channel ones draws its bits through this, so
+// a shard runs the unsharded kernel's loops.
+template <typename Body>
+void for_local_keep_batches(RngPair rng, uint32_t threshold, const RunMap* shard, int64_t begin,
+                            int64_t end, Body&& body) {
+  if (shard == nullptr) return for_keep_batches(rng, threshold, begin, end, body);
+  for_run_pieces(*shard, begin, end, [&](int64_t local, int64_t global, int64_t count) {
+    for_keep_batches(rng, threshold, global, global + count,
+                     [&](int64_t first, int64_t n, const uint8_t* keep) {
+                       body(local + (first - global), n, keep);
+                     });
+  });
 }
 
 inline RngPair read_rng_state(const at::Tensor& rng_state) {

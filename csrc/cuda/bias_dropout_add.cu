@@ -1,7 +1,9 @@
 // Fused bias + dropout + residual on CUDA: out = residual + (keep ? (x + bias) * scale : 0),
 // and its backward: grad_x = keep ? grad * scale : 0 with grad_bias = column sums of grad_x,
 // summed in the order dropout_contract.h fixes, so that grad_bias is bit-identical to the
-// CPU's and deterministic.
+// CPU's and deterministic. The forward and the bias-gradient kernel are templated on their mask
+// index (kernel_utils.cuh): on a DTensor shard (ShardIndex) an element takes the bit of its
+// global index, the bias is the shard's columns and grad_bias sums the shard's rows.
 #include "kernel_utils.cuh"
 
 namespace fastdropout {
@@ -11,28 +13,31 @@ namespace {
 // Forward. kVector: every pointer 16-byte aligned and (with a bias) the row length a multiple
 // of 8, so a group of 8 lies in one row over 8 consecutive bias entries. The column of a group
 // comes from one division by a launch-wide divisor (a multiply-high, GroupDivider).
-template <typename scalar_t, bool kHasBias, bool kVector>
+template <typename scalar_t, bool kHasBias, bool kVector, typename Index>
 __global__ void __launch_bounds__(kThreads)
 bias_dropout_add_forward_cuda_kernel(const scalar_t* __restrict__ x,
                                      const scalar_t* __restrict__ bias,
                                      const scalar_t* __restrict__ residual,
                                      scalar_t* __restrict__ out, int64_t numel,
-                                     int64_t columns, GroupDivider column_of, RngSource src,
-                                     uint32_t threshold, acc_type_t<scalar_t> scale) {
+                                     int64_t columns, GroupDivider column_of, Index index,
+                                     RngSource src, uint32_t threshold,
+                                     acc_type_t<scalar_t> scale) {
   using acc_t = acc_type_t<scalar_t>;
   const int64_t group = thread_group();
   const int64_t base = group * kElementsPerPhilox;
-  if (base >= numel) {
-    resolve_rng(src);
-    return;
-  }
-  const int count = static_cast<int>(std::min<int64_t>(kElementsPerPhilox, numel - base));
-  if (kVector && count == kElementsPerPhilox) {
-    Group8<scalar_t> xv, rv;
+  const int count = group_count(base, numel);
+  const bool packed = kVector && count == kElementsPerPhilox;
+  Group8<scalar_t> xv, rv;
+  if (packed) {
     xv.load(x + base);
     rv.load(residual + base);
-    const RngPair rng = resolve_rng(src);
-    const uint32_t bits = keep_bits8(rng.seed, rng.offset, group, threshold);
+  }
+  // One call site for every thread, past the end too (see dropout_group_aligned).
+  const RngPair rng = resolve_rng(src);
+  if (count == 0) return;
+  if (packed) {
+    // (its own keep_bits call, of 8: one shared with the scalar path spilled fp64 on sm_90)
+    const uint32_t bits = index.keep_bits(rng, group, kElementsPerPhilox, threshold);
     // The bias (a few KiB, in L1/L2 after the first rows) is read after the Philox rounds: it
     // would only lengthen the live ranges across them (fp64 spilled on sm_80 otherwise).
     Group8<scalar_t> bv;
@@ -51,8 +56,7 @@ bias_dropout_add_forward_cuda_kernel(const scalar_t* __restrict__ x,
   }
   // Scalar path (misaligned buffers, a bias row not a multiple of 8, the last partial group):
   // element by element after the Philox call, which keeps few values live across it.
-  const RngPair rng = resolve_rng(src);
-  const uint32_t bits = keep_bits8(rng.seed, rng.offset, group, threshold);
+  const uint32_t bits = index.keep_bits(rng, group, count, threshold);
   int64_t column = 0;
   if (kHasBias) {
     int64_t row;
@@ -99,11 +103,12 @@ struct BiasGradLayout {
 // kMask: grad_x = keep ? grad * scale : 0 is computed and written here (kCols = 8, one Philox
 // call per row); otherwise `grad` already is grad_x (the misaligned path, kCols = 1) and is
 // only summed. Rows are loaded kPrefetch at a time ahead of their Philox rounds.
-template <typename scalar_t, int kCols, bool kMask>
+template <typename scalar_t, int kCols, bool kMask, typename Index>
 __global__ void __launch_bounds__(kThreads)
 bias_grad_partials_cuda_kernel(const scalar_t* __restrict__ grad, scalar_t* __restrict__ grad_x,
                                acc_type_t<scalar_t>* __restrict__ partials, BiasGradLayout layout,
-                               RngSource src, uint32_t threshold, acc_type_t<scalar_t> scale) {
+                               Index index, RngSource src, uint32_t threshold,
+                               acc_type_t<scalar_t> scale) {
   using acc_t = acc_type_t<scalar_t>;
   using Row = std::conditional_t<kCols == kElementsPerPhilox, Group8<scalar_t>, scalar_t[1]>;
   // Rows in flight per thread: 8 x 16 bytes for 2-byte types, 4 x 32 for fp32; fp64 one row
@@ -155,8 +160,8 @@ bias_grad_partials_cuda_kernel(const scalar_t* __restrict__ grad, scalar_t* __re
       if (r0 + i < rows_here) {
         const int64_t base = (first_row + r0 + i) * layout.columns + column;
         if constexpr (kMask) {
-          const uint32_t bits =
-              keep_bits8(rng.seed, rng.offset, base / kElementsPerPhilox, threshold);
+          // Rows of columns % 8 == 0 columns; a shard's runs hold whole rows.
+          const uint32_t bits = index.keep_bits_in_run(rng, base / kElementsPerPhilox, threshold);
 #pragma unroll
           for (int j = 0; j < kCols; ++j) {
             values[i][j] = apply_keep((bits >> j) & 1u, values[i][j], scale);
@@ -232,21 +237,23 @@ bias_grad_store_cuda_kernel(const acc_type_t<scalar_t>* __restrict__ partial, in
   if (column < columns) grad_bias[column] = round_result<scalar_t>(partial[column]);
 }
 
-template <typename scalar_t, bool kHasBias>
+template <typename scalar_t, bool kHasBias, typename Index>
 void launch_bias_dropout_add_forward(bool vector, dim3 grid, cudaStream_t stream,
                                      const scalar_t* x, const scalar_t* bias,
                                      const scalar_t* residual, scalar_t* out, int64_t numel,
-                                     int64_t columns, const RngSource& src, uint32_t threshold,
-                                     acc_type_t<scalar_t> scale) {
+                                     int64_t columns, const Index& index, const RngSource& src,
+                                     uint32_t threshold, acc_type_t<scalar_t> scale) {
   if (vector) {
     // (without a bias the divider is never used: columns is 1)
     const GroupDivider column_groups(std::max<int64_t>(1, columns / kElementsPerPhilox));
-    bias_dropout_add_forward_cuda_kernel<scalar_t, kHasBias, true><<<grid, kThreads, 0, stream>>>(
-        x, bias, residual, out, numel, columns, column_groups, src, threshold, scale);
+    bias_dropout_add_forward_cuda_kernel<scalar_t, kHasBias, true, Index>
+        <<<grid, kThreads, 0, stream>>>(x, bias, residual, out, numel, columns, column_groups,
+                                        index, src, threshold, scale);
   } else {
     const GroupDivider column_of(columns);
-    bias_dropout_add_forward_cuda_kernel<scalar_t, kHasBias, false><<<grid, kThreads, 0, stream>>>(
-        x, bias, residual, out, numel, columns, column_of, src, threshold, scale);
+    bias_dropout_add_forward_cuda_kernel<scalar_t, kHasBias, false, Index>
+        <<<grid, kThreads, 0, stream>>>(x, bias, residual, out, numel, columns, column_of, index,
+                                        src, threshold, scale);
   }
 }
 
@@ -272,13 +279,17 @@ void bias_dropout_add_forward_cuda(const BiasDropoutAddForward& args) {
     const bool vector = aligned16(xp) && aligned16(rp) && aligned16(op) &&
                         (!has_bias || (aligned16(bp) && columns % kElementsPerPhilox == 0));
     const dim3 grid = group_grid(numel);
-    if (has_bias) {
-      launch_bias_dropout_add_forward<scalar_t, true>(vector, grid, stream, xp, bp, rp, op, numel,
-                                                      columns, src, threshold, scale);
-    } else {
-      launch_bias_dropout_add_forward<scalar_t, false>(vector, grid, stream, xp, bp, rp, op,
-                                                       numel, columns, src, threshold, scale);
-    }
+    with_mask_index(args.shard, [&](const auto& index) {
+      if (has_bias) {
+        launch_bias_dropout_add_forward<scalar_t, true>(vector, grid, stream, xp, bp, rp, op,
+                                                        numel, columns, index, src, threshold,
+                                                        scale);
+      } else {
+        launch_bias_dropout_add_forward<scalar_t, false>(vector, grid, stream, xp, bp, rp, op,
+                                                         numel, columns, index, src, threshold,
+                                                         scale);
+      }
+    });
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }
@@ -311,16 +322,21 @@ void bias_dropout_add_backward_cuda(const BiasDropoutAddBackward& args) {
     const RngSource src = make_rng_source(*args.rng_state, nullptr, grad.device());
     const auto blocks = static_cast<unsigned>(layout.blocks());
     if (vector) {
-      bias_grad_partials_cuda_kernel<scalar_t, kElementsPerPhilox, true>
-          <<<blocks, kThreads, 0, stream>>>(gp, gxp, pp, layout, src, threshold, scale);
+      with_mask_index(args.shard, [&](const auto& index) {
+        using Index = std::decay_t<decltype(index)>;
+        bias_grad_partials_cuda_kernel<scalar_t, kElementsPerPhilox, true, Index>
+            <<<blocks, kThreads, 0, stream>>>(gp, gxp, pp, layout, index, src, threshold, scale);
+      });
     } else {
       // Misaligned or ragged rows: grad_x by the plain pass (coalesced, one Philox call per 8
       // elements), then its column sums in the same order (1.5x the bytes of one pass, instead
       // of one Philox call per element).
       const at::Tensor& grad_x = *args.grad_x;
-      dropout_pass_cuda(DropoutPass{&grad, args.grad_x, args.rng_state, nullptr, args.p, 1});
-      bias_grad_partials_cuda_kernel<scalar_t, 1, false><<<blocks, kThreads, 0, stream>>>(
-          grad_x.const_data_ptr<scalar_t>(), nullptr, pp, layout, src, threshold, scale);
+      dropout_pass_cuda(
+          DropoutPass{&grad, args.grad_x, args.rng_state, nullptr, args.p, 1, {}, args.shard});
+      bias_grad_partials_cuda_kernel<scalar_t, 1, false, ContiguousIndex>
+          <<<blocks, kThreads, 0, stream>>>(grad_x.const_data_ptr<scalar_t>(), nullptr, pp,
+                                            layout, ContiguousIndex{}, src, threshold, scale);
     }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     scalar_t* gbp = args.grad_bias->mutable_data_ptr<scalar_t>();

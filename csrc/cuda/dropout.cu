@@ -6,33 +6,33 @@
 // warp covers 256 consecutive elements with coalesced scalar accesses, lane l loading elements
 // l, l + 32, ..; every lane still computes one Philox call (its own group) and the keep bits
 // reach the lanes that need them by warp shuffles, so the arithmetic is the aligned kernel's.
-// Full grid, no grid-stride loop.
+// Full grid, no grid-stride loop. Every kernel here is templated on its mask index
+// (kernel_utils.cuh): ContiguousIndex for an ordinary tensor, ShardIndex for a DTensor shard,
+// whose elements take the bits of their global indices.
 #include "kernel_utils.cuh"
 
 namespace fastdropout {
 namespace cuda {
 namespace {
 
-template <typename scalar_t>
+template <typename scalar_t, typename Index>
 __device__ __forceinline__ void dropout_group_aligned(const scalar_t* in, scalar_t* out,
-                                                      int64_t numel, const RngSource& src,
-                                                      uint32_t threshold,
+                                                      int64_t numel, const Index& index,
+                                                      const RngSource& src, uint32_t threshold,
                                                       acc_type_t<scalar_t> scale) {
   const int64_t group = thread_group();
   const int64_t base = group * kElementsPerPhilox;
-  if (base >= numel) {
-    resolve_rng(src);  // records the state even when the tensor is empty
-    return;
-  }
-  const int count = static_cast<int>(std::min<int64_t>(kElementsPerPhilox, numel - base));
+  const int count = group_count(base, numel);
   Group8<scalar_t> values;
   if (count == kElementsPerPhilox) {
     values.load(in + base);
   } else {
     values.load_scalars(in + base, count);
   }
+  // Every thread, past the end too (the state is recorded even when the tensor is empty).
   const RngPair rng = resolve_rng(src);
-  const uint32_t bits = keep_bits8(rng.seed, rng.offset, group, threshold);
+  if (count == 0) return;
+  const uint32_t bits = index.keep_bits(rng, group, count, threshold);
 #pragma unroll
   for (int j = 0; j < kElementsPerPhilox; ++j) {
     values[j] = apply_keep((bits >> j) & 1u, values[j], scale);
@@ -44,19 +44,15 @@ __device__ __forceinline__ void dropout_group_aligned(const scalar_t* in, scalar
   }
 }
 
-template <typename scalar_t>
+template <typename scalar_t, typename Index>
 __device__ __forceinline__ void dropout_warp_tile(const scalar_t* in, scalar_t* out,
-                                                  int64_t numel, const RngSource& src,
-                                                  uint32_t threshold,
+                                                  int64_t numel, const Index& index,
+                                                  const RngSource& src, uint32_t threshold,
                                                   acc_type_t<scalar_t> scale) {
   const int64_t group = thread_group();
   const int lane = static_cast<int>(threadIdx.x % kWarp);
   // The warp's first element; the whole warp leaves together (no lane may miss the shuffles).
   const int64_t tile = (group - lane) * kElementsPerPhilox;
-  if (tile >= numel) {
-    resolve_rng(src);
-    return;
-  }
   scalar_t values[kElementsPerPhilox];
 #pragma unroll
   for (int j = 0; j < kElementsPerPhilox; ++j) {
@@ -64,7 +60,11 @@ __device__ __forceinline__ void dropout_warp_tile(const scalar_t* in, scalar_t* 
     values[j] = e < numel ? in[e] : scalar_t(0);
   }
   const RngPair rng = resolve_rng(src);
-  const uint32_t bits = keep_bits8(rng.seed, rng.offset, group, threshold);
+  if (tile >= numel) return;
+  // The elements of this lane's own group that exist (none for a lane past the end).
+  const int own = static_cast<int>(
+      std::max<int64_t>(0, std::min<int64_t>(kElementsPerPhilox, numel - group * kElementsPerPhilox)));
+  const uint32_t bits = index.keep_bits(rng, group, own, threshold);
 #pragma unroll
   for (int j = 0; j < kElementsPerPhilox; ++j) {
     // Element tile + 32 j + lane belongs to the group of lane 4 j + lane / 8, at bit lane % 8.
@@ -75,27 +75,27 @@ __device__ __forceinline__ void dropout_warp_tile(const scalar_t* in, scalar_t* 
 }
 
 // Out of place: input and output never overlap, and say so.
-template <typename scalar_t, bool kAligned>
+template <typename scalar_t, bool kAligned, typename Index>
 __global__ void __launch_bounds__(kThreads)
 dropout_cuda_kernel(const scalar_t* __restrict__ in, scalar_t* __restrict__ out, int64_t numel,
-                    RngSource src, uint32_t threshold, acc_type_t<scalar_t> scale) {
+                    Index index, RngSource src, uint32_t threshold, acc_type_t<scalar_t> scale) {
   if (kAligned) {
-    dropout_group_aligned(in, out, numel, src, threshold, scale);
+    dropout_group_aligned(in, out, numel, index, src, threshold, scale);
   } else {
-    dropout_warp_tile(in, out, numel, src, threshold, scale);
+    dropout_warp_tile(in, out, numel, index, src, threshold, scale);
   }
 }
 
 // In place: one buffer, no __restrict__ (each element is read before the same thread writes
 // it, which needs no promise of non-aliasing, and gets none).
-template <typename scalar_t, bool kAligned>
+template <typename scalar_t, bool kAligned, typename Index>
 __global__ void __launch_bounds__(kThreads)
-dropout_inplace_cuda_kernel(scalar_t* data, int64_t numel, RngSource src, uint32_t threshold,
-                            acc_type_t<scalar_t> scale) {
+dropout_inplace_cuda_kernel(scalar_t* data, int64_t numel, Index index, RngSource src,
+                            uint32_t threshold, acc_type_t<scalar_t> scale) {
   if (kAligned) {
-    dropout_group_aligned<scalar_t>(data, data, numel, src, threshold, scale);
+    dropout_group_aligned<scalar_t>(data, data, numel, index, src, threshold, scale);
   } else {
-    dropout_warp_tile<scalar_t>(data, data, numel, src, threshold, scale);
+    dropout_warp_tile<scalar_t>(data, data, numel, index, src, threshold, scale);
   }
 }
 
@@ -133,14 +133,7 @@ dropout_block_transposed_cuda_kernel(const scalar_t* __restrict__ in, scalar_t* 
   if (kChannelRows) {
     bits = keep_element(rng.seed, rng.offset, row, threshold) ? 0xFFu : 0u;
   } else {
-    const int64_t logical = row * b_size + b0;
-    const int64_t group = logical / kElementsPerPhilox;
-    const int shift = static_cast<int>(logical % kElementsPerPhilox);
-    bits = keep_bits8(rng.seed, rng.offset, group, threshold);
-    if (shift + count > kElementsPerPhilox) {
-      bits |= keep_bits8(rng.seed, rng.offset, group + 1, threshold) << kElementsPerPhilox;
-    }
-    bits >>= shift;
+    bits = keep_bits_from(rng, row * b_size + b0, count, threshold);
   }
 #pragma unroll
   for (int j = 0; j < kElementsPerPhilox; ++j) {
@@ -197,6 +190,8 @@ keep_mask_cuda_kernel(bool* __restrict__ mask, int64_t numel, RngSource src, uin
 void dropout_pass_cuda(const DropoutPass& pass) {
   using namespace cuda;
   const bool transposed = pass.transposed.outer != 0;
+  TORCH_CHECK(!transposed || pass.shard == nullptr,
+              "fastdropout: a shard's buffers are contiguous");
   if (pass.channel_numel != 1 && !transposed) return channel_dropout_pass_cuda(pass);
   const at::Tensor& in = *pass.input;
   at::Tensor& out = *pass.output;
@@ -218,21 +213,25 @@ void dropout_pass_cuda(const DropoutPass& pass) {
     const scalar_t* src_ptr = in.const_data_ptr<scalar_t>();
     scalar_t* dst_ptr = out.mutable_data_ptr<scalar_t>();
     const bool aligned = aligned16(src_ptr) && aligned16(dst_ptr);
-    if (static_cast<const void*>(src_ptr) == static_cast<const void*>(dst_ptr)) {
-      if (aligned) {
-        dropout_inplace_cuda_kernel<scalar_t, true><<<grid, kThreads, 0, stream>>>(
-            dst_ptr, numel, src, threshold, scale);
+    const bool in_place = static_cast<const void*>(src_ptr) == static_cast<const void*>(dst_ptr);
+    with_mask_index(pass.shard, [&](const auto& index) {
+      using Index = std::decay_t<decltype(index)>;
+      if (in_place) {
+        if (aligned) {
+          dropout_inplace_cuda_kernel<scalar_t, true, Index><<<grid, kThreads, 0, stream>>>(
+              dst_ptr, numel, index, src, threshold, scale);
+        } else {
+          dropout_inplace_cuda_kernel<scalar_t, false, Index><<<grid, kThreads, 0, stream>>>(
+              dst_ptr, numel, index, src, threshold, scale);
+        }
+      } else if (aligned) {
+        dropout_cuda_kernel<scalar_t, true, Index><<<grid, kThreads, 0, stream>>>(
+            src_ptr, dst_ptr, numel, index, src, threshold, scale);
       } else {
-        dropout_inplace_cuda_kernel<scalar_t, false><<<grid, kThreads, 0, stream>>>(
-            dst_ptr, numel, src, threshold, scale);
+        dropout_cuda_kernel<scalar_t, false, Index><<<grid, kThreads, 0, stream>>>(
+            src_ptr, dst_ptr, numel, index, src, threshold, scale);
       }
-    } else if (aligned) {
-      dropout_cuda_kernel<scalar_t, true><<<grid, kThreads, 0, stream>>>(
-          src_ptr, dst_ptr, numel, src, threshold, scale);
-    } else {
-      dropout_cuda_kernel<scalar_t, false><<<grid, kThreads, 0, stream>>>(
-          src_ptr, dst_ptr, numel, src, threshold, scale);
-    }
+    });
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }

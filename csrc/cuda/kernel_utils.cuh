@@ -1,6 +1,8 @@
 // Device helpers shared by every CUDA kernel family (dropout.cu, channel_dropout.cu,
 // bias_dropout_add.cu): where a kernel takes its (seed, offset) from, 16-byte packs of 8
-// elements, grid sizing. The mask and the arithmetic come from dropout_contract.h.
+// elements, grid sizing, division by launch constants, and where the mask index of an element
+// comes from (its own index, or its global index in a DTensor shard). The mask and the
+// arithmetic come from dropout_contract.h.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -14,6 +16,7 @@
 #include <cstdint>
 #include <limits>
 #include <mutex>
+#include <type_traits>
 
 #include "../fastdropout.h"
 
@@ -144,6 +147,13 @@ inline dim3 group_grid(int64_t numel) {
   return dim3(static_cast<unsigned>(std::max<int64_t>(blocks, 1)));
 }
 
+// How many of the 8 elements from `base` exist: 8, fewer in the last group, 0 past the end.
+// The kernels load first, then resolve the rng state at one call site for all threads (a
+// second site on an early-exit path cost the ShardIndex kernels ~20 registers), then leave.
+__device__ __forceinline__ int group_count(int64_t base, int64_t numel) {
+  return static_cast<int>(std::max<int64_t>(0, std::min<int64_t>(kElementsPerPhilox, numel - base)));
+}
+
 // The global thread index of a 1-D launch, as the Philox group this thread owns.
 __device__ __forceinline__ int64_t thread_group() {
   return static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
@@ -173,6 +183,133 @@ struct GroupDivider {
     *r = n - static_cast<int64_t>(quotient) * divisor;
   }
 };
+
+// Where a kernel's mask indices come from; every kernel family is templated on it, so that a
+// DTensor shard runs the unsharded kernel's body. For local elements local .. local + count - 1
+// (count <= 8, in one group of 8 local elements):
+//   for_pieces(local, count, piece): piece(j, global, n) for pieces whose n elements
+//     local + j .. have the consecutive mask-source indices global .. global + n - 1;
+//   keep_bits(rng, group, count, threshold): their keep bits (bit j: element 8 group + j).
+// ContiguousIndex: an ordinary tensor, global(e) = e: one piece, one Philox call.
+struct ContiguousIndex {
+  template <typename Piece>
+  __device__ __forceinline__ void for_pieces(int64_t local, int count, Piece&& piece) const {
+    piece(0, local, count);
+  }
+  // Bits past count are those of the rest of the group (callers ignore them).
+  __device__ __forceinline__ uint32_t keep_bits(RngPair rng, int64_t group, int /*count*/,
+                                                uint32_t threshold) const {
+    return keep_bits8(rng.seed, rng.offset, group, threshold);
+  }
+  // keep_bits of a whole group that the caller knows lies in one run of a shard's map.
+  __device__ __forceinline__ uint32_t keep_bits_in_run(RngPair rng, int64_t group,
+                                                       uint32_t threshold) const {
+    return keep_bits8(rng.seed, rng.offset, group, threshold);
+  }
+};
+
+// Keep bits of the `count` (<= 8) elements whose mask indices are global .. global + count - 1
+// (bit j: element j; no bits past count): one Philox call, two where they straddle a group.
+__device__ __forceinline__ uint32_t keep_bits_from(RngPair rng, int64_t global, int count,
+                                                   uint32_t threshold) {
+  const int64_t group = global >> 3;  // global >= 0: / kElementsPerPhilox
+  const int shift = static_cast<int>(global & 7);
+  uint32_t bits = keep_bits8(rng.seed, rng.offset, group, threshold);
+  if (shift + count > kElementsPerPhilox) {
+    bits |= keep_bits8(rng.seed, rng.offset, group + 1, threshold) << kElementsPerPhilox;
+  }
+  return (bits >> shift) & ((1u << count) - 1u);
+}
+
+// ShardIndex: a DTensor shard (run_map.h), global(e) = start(e / run_length) + e % run_length,
+// with every division a GroupDivider. A group of 8 local elements lies in one run when the
+// run length is a multiple of 8 (the usual shard); its bits then take one Philox call, or two
+// where the run's global start is not a multiple of 8.
+struct ShardIndex {
+  int64_t run_length;
+  int64_t base;
+  int levels;
+  GroupDivider by_run_length;
+  GroupDivider by_count[kMaxRunLevels];
+  int64_t strides[kMaxRunLevels];
+
+  explicit ShardIndex(const RunMap& map)
+      : run_length(map.run_length),
+        base(map.base),
+        levels(map.levels),
+        by_run_length(map.run_length),
+        by_count{GroupDivider(map.counts[0]), GroupDivider(map.counts[1]),
+                 GroupDivider(map.counts[2]), GroupDivider(map.counts[3])},
+        strides{map.strides[0], map.strides[1], map.strides[2], map.strides[3]} {}
+
+  __device__ __forceinline__ int64_t run_start(int64_t run) const {
+    int64_t start = base;
+#pragma unroll
+    for (int l = kMaxRunLevels - 1; l >= 0; --l) {
+      if (l < levels) {
+        int64_t digit;
+        by_count[l].divmod(run, &run, &digit);
+        start += digit * strides[l];
+      }
+    }
+    return start;
+  }
+
+  // One division for the first element; later pieces start the next runs (local order).
+  // Straight-line for runs of 8 or more (one piece, or two): a general loop over pieces, with
+  // the Philox rounds in its body, took these kernels from ~30 registers to 54-72 (half the
+  // threads per SM: too few bytes in flight for bf16). Runs shorter than 8 go element by
+  // element, one Philox call each.
+  template <typename Piece>
+  __device__ __forceinline__ void for_pieces(int64_t local, int count, Piece&& piece) const {
+    int64_t run, pos;
+    by_run_length.divmod(local, &run, &pos);
+    const int first = static_cast<int>(std::min<int64_t>(count, run_length - pos));
+    piece(0, run_start(run) + pos, first);
+    if (first >= count) return;
+    if (run_length >= kElementsPerPhilox) {  // the other count - first < 8 lie in the next run
+      piece(first, run_start(run + 1), count - first);
+      return;
+    }
+    ++run;
+    pos = 0;
+#pragma unroll 1
+    for (int j = first; j < count; ++j) {
+      piece(j, run_start(run) + pos, 1);
+      if (++pos == run_length) {
+        ++run;
+        pos = 0;
+      }
+    }
+  }
+
+  __device__ __forceinline__ uint32_t keep_bits(RngPair rng, int64_t group, int count,
+                                                uint32_t threshold) const {
+    uint32_t bits = 0;
+    for_pieces(group * kElementsPerPhilox, count, [&](int j, int64_t global, int n) {
+      bits |= keep_bits_from(rng, global, n, threshold) << j;
+    });
+    return bits;
+  }
+  // The whole group in one run (whole rows of a multiple of 8 columns: the fused backward),
+  // without the code for pieces it cannot have.
+  __device__ __forceinline__ uint32_t keep_bits_in_run(RngPair rng, int64_t group,
+                                                       uint32_t threshold) const {
+    int64_t run, pos;
+    by_run_length.divmod(group * kElementsPerPhilox, &run, &pos);
+    return keep_bits_from(rng, run_start(run) + pos, kElementsPerPhilox, threshold);
+  }
+};
+
+// Calls launch(index) with the pass's mask index: ShardIndex for a shard, else ContiguousIndex.
+template <typename Launch>
+void with_mask_index(const RunMap* shard, Launch&& launch) {
+  if (shard != nullptr) {
+    launch(ShardIndex(*shard));
+  } else {
+    launch(ContiguousIndex{});
+  }
+}
 
 }  // namespace cuda
 
