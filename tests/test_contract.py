@@ -129,28 +129,48 @@ def test_mask_of_a_prefix_is_the_prefix_of_the_mask():
         assert torch.equal(fastdropout.dropout_mask(n, 0.4, seed=8), long[:n])
 
 
+# Shards whose keep bytes take the CPU's other drawing paths: short runs from starts off
+# multiples of 8 (groups listed and drawn 8 lanes at a time), and long runs whose group count
+# leaves a remainder of 2 to 7 (one more 8-lane call).
+_SHARD_CASES = [((40, 100), (40, 37), (0, 5)), ((3, 3000), (3, 1500), (0, 1003))]
+
+
+def _shard_masks():
+    from fastdropout.dtensor import run_map
+    return [torch.ops.fastdropout.sharded_dropout(torch.ones(local), 0.3,
+                                                  *run_map(shape, local, offset), 6, 1, None, 1)[0]
+            for shape, local, offset in _SHARD_CASES]
+
+
 def test_cpu_simd_and_scalar_paths_draw_the_same_masks():
     """On x86-64 the CPU draws eight groups at a time with AVX2 when the CPU has it; the
-    baseline loop (forced by FASTDROPOUT_DISABLE_AVX2=1, in a subprocess) must agree."""
+    baseline loop (forced by FASTDROPOUT_DISABLE_AVX2=1, in a subprocess) must agree, for
+    plain masks and for shards (whose keep bytes are also drawn from lists of groups)."""
     import os
     import subprocess
     import sys
-    code = ("import torch, fastdropout, sys; "
+    code = ("import torch, fastdropout, sys; sys.path.insert(0, sys.argv[2]); "
+            "import test_contract; "
             "m = [fastdropout.dropout_mask(n, p, seed=s, offset=o) for n, p, s, o in "
             "[(1000, 0.1, 1, 2), (4099, 0.5, 2**64 - 1, 2**40), (77, 0.9, 5, 0)]]; "
-            "torch.save(m, sys.argv[1])")
+            "torch.save(m + test_contract._shard_masks(), sys.argv[1])")
     path = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"fd_masks_{os.getpid()}.pt")
     try:
-        subprocess.run([sys.executable, "-c", code, path], check=True,
+        subprocess.run([sys.executable, "-c", code, path, os.path.dirname(__file__)], check=True,
                        env={**os.environ, "FASTDROPOUT_DISABLE_AVX2": "1"})
         baseline = torch.load(path)
     finally:
         if os.path.exists(path):
             os.remove(path)
     here = [fastdropout.dropout_mask(n, p, seed=s, offset=o) for n, p, s, o in
-            [(1000, 0.1, 1, 2), (4099, 0.5, 2**64 - 1, 2**40), (77, 0.9, 5, 0)]]
+            [(1000, 0.1, 1, 2), (4099, 0.5, 2**64 - 1, 2**40), (77, 0.9, 5, 0)]] + _shard_masks()
+    assert len(here) == len(baseline) == 5
     for a, b in zip(here, baseline):
         assert torch.equal(a, b)
+    # and the shards are their slices of the unsharded mask
+    for (shape, local, offset), got in zip(_SHARD_CASES, here[3:]):
+        box = tuple(slice(o, o + n) for o, n in zip(offset, local))
+        assert torch.equal(got, fastdropout.dropout(torch.ones(shape), 0.3, seed=6, offset=1)[box])
 
 
 # --- NaN: every NaN a kernel writes is the dtype's canonical quiet NaN --------------------------

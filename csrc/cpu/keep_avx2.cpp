@@ -34,6 +34,30 @@ struct PhiloxLane<u32x8> {
 
 }  // namespace FD_ISA_NAMESPACE
 
+namespace {
+
+// keep[8L + j] = bit j of lane L's keep bits: the 8x8 bits spread into 64 bytes.
+inline void spread_keep_bytes(uint8_t* keep, u32x8 bits) {
+  const __m256i b = reinterpret_cast<__m256i>(bits);
+  const __m256i spread_lo = _mm256_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 4, 4, 4, 4, 4, 4, 4, 4,
+                                             0, 0, 0, 0, 0, 0, 0, 0, 4, 4, 4, 4, 4, 4, 4, 4);
+  const __m256i select = _mm256_set1_epi64x(0x8040201008040201ll);
+  const __m256i ones = _mm256_set1_epi8(1);
+  // lanes 0,1 | 4,5 and lanes 2,3 | 6,7 (within each 128-bit half, bytes 0 and 4 hold the
+  // keep bits of the half's lanes 0 and 1)
+  const __m256i first_pair = _mm256_shuffle_epi8(b, spread_lo);
+  const __m256i second_pair = _mm256_shuffle_epi8(_mm256_srli_si256(b, 8), spread_lo);
+  const __m256i v01_45 = _mm256_min_epu8(_mm256_and_si256(first_pair, select), ones);
+  const __m256i v23_67 = _mm256_min_epu8(_mm256_and_si256(second_pair, select), ones);
+  // v01_45 = [lane0 | lane1 | lane4 | lane5], v23_67 = [lane2 | lane3 | lane6 | lane7]
+  const __m256i lanes0123 = _mm256_permute2x128_si256(v01_45, v23_67, 0x20);
+  const __m256i lanes4567 = _mm256_permute2x128_si256(v01_45, v23_67, 0x31);
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(keep), lanes0123);
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(keep + 32), lanes4567);
+}
+
+}  // namespace
+
 // keep[8k + j] = keep bit j of group (group + k), for k < count; count a multiple of 8.
 void keep_bytes_avx2(uint8_t* keep, uint64_t seed, uint64_t offset, int64_t group,
                      int64_t count, uint32_t threshold) {
@@ -46,24 +70,21 @@ void keep_bytes_avx2(uint8_t* keep, uint64_t seed, uint64_t offset, int64_t grou
     if (static_cast<uint32_t>(first) > 0xFFFFFFFFu - 7u) {
       for (int lane = 0; lane < 8; ++lane) hi[lane] = static_cast<uint32_t>((first + lane) >> 32);
     }
-    const u32x8 bits = keep_bits8_lanes<u32x8>(lo, hi, seed, offset, threshold);
-    // Spread the 8x8 keep bits into bytes: byte j of lane L is bit j of bits[L].
-    const __m256i b = reinterpret_cast<__m256i>(bits);
-    const __m256i spread_lo = _mm256_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 4, 4, 4, 4, 4, 4, 4, 4,
-                                               0, 0, 0, 0, 0, 0, 0, 0, 4, 4, 4, 4, 4, 4, 4, 4);
-    const __m256i select = _mm256_set1_epi64x(0x8040201008040201ll);
-    const __m256i ones = _mm256_set1_epi8(1);
-    // lanes 0,1 | 4,5 and lanes 2,3 | 6,7 (within each 128-bit half, bytes 0 and 4 hold the
-    // keep bits of the half's lanes 0 and 1)
-    const __m256i first_pair = _mm256_shuffle_epi8(b, spread_lo);
-    const __m256i second_pair = _mm256_shuffle_epi8(_mm256_srli_si256(b, 8), spread_lo);
-    const __m256i v01_45 = _mm256_min_epu8(_mm256_and_si256(first_pair, select), ones);
-    const __m256i v23_67 = _mm256_min_epu8(_mm256_and_si256(second_pair, select), ones);
-    // v01_45 = [lane0 | lane1 | lane4 | lane5], v23_67 = [lane2 | lane3 | lane6 | lane7]
-    const __m256i lanes0123 = _mm256_permute2x128_si256(v01_45, v23_67, 0x20);
-    const __m256i lanes4567 = _mm256_permute2x128_si256(v01_45, v23_67, 0x31);
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(keep + 8 * k), lanes0123);
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(keep + 8 * k + 32), lanes4567);
+    spread_keep_bytes(keep + 8 * k, keep_bits8_lanes<u32x8>(lo, hi, seed, offset, threshold));
+  }
+}
+
+// keep[8k + j] = keep bit j of groups[k], for k < count; count a multiple of 8 (any groups).
+void keep_bytes_avx2_gather(uint8_t* keep, uint64_t seed, uint64_t offset, const int64_t* groups,
+                            int64_t count, uint32_t threshold) {
+  for (int64_t k = 0; k < count; k += 8) {
+    u32x8 lo, hi;
+    for (int lane = 0; lane < 8; ++lane) {
+      const auto g = static_cast<uint64_t>(groups[k + lane]);
+      lo[lane] = static_cast<uint32_t>(g);
+      hi[lane] = static_cast<uint32_t>(g >> 32);
+    }
+    spread_keep_bytes(keep + 8 * k, keep_bits8_lanes<u32x8>(lo, hi, seed, offset, threshold));
   }
 }
 
