@@ -1,6 +1,7 @@
-// Internal interface between the operators (ops.cpp) and the per-device kernels
-// (cpu/dropout_cpu.cpp, cuda/dropout_cuda.cu). The operators validate, make inputs contiguous
-// and allocate; the kernels see only contiguous buffers of one dtype.
+// Internal interface between the operators (ops.cpp, sharded_ops.cpp) and the per-device
+// kernels (cpu/dropout_cpu.cpp; cuda/dropout.cu, channel_dropout.cu, bias_dropout_add.cu). The
+// operators validate, make inputs contiguous and allocate; the kernels see only contiguous
+// buffers of one dtype (or, on CUDA, one block-transposed layout), and a shard's run map.
 #pragma once
 
 #include <ATen/Dispatch.h>

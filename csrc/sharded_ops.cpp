@@ -17,6 +17,7 @@
 // fake kernels are registered in Python (fastdropout/dtensor.py); within a DTensor call they
 // run below the unsharded operators' own autograd.
 #include <ATen/ATen.h>
+#include <c10/util/safe_numerics.h>
 #include <torch/library.h>
 
 #include <optional>
@@ -42,15 +43,26 @@ RunMap make_run_map(const Tensor& t, int64_t run_length, at::IntArrayRef run_cou
   map.run_length = run_length;
   map.base = run_base;
   map.levels = static_cast<int>(run_counts.size());
-  int64_t covered = run_length;
+  // What the map covers, and its largest global index (the kernels' 64-bit arithmetic, and
+  // their dividers, need it below 2^63), both checked for overflow.
+  uint64_t covered = static_cast<uint64_t>(run_length);
+  uint64_t last = static_cast<uint64_t>(run_base) + static_cast<uint64_t>(run_length) - 1;
+  bool overflow = false;
   for (int l = 0; l < map.levels; ++l) {
     TORCH_CHECK(run_counts[l] >= 1 && run_strides[l] >= 0,
                 "fastdropout: run_counts must be >= 1 and run_strides >= 0");
     map.counts[l] = run_counts[l];
     map.strides[l] = run_strides[l];
-    covered *= run_counts[l];
+    uint64_t span = 0;
+    overflow |= c10::mul_overflows(covered, static_cast<uint64_t>(run_counts[l]), &covered);
+    overflow |= c10::mul_overflows(static_cast<uint64_t>(run_counts[l] - 1),
+                                   static_cast<uint64_t>(run_strides[l]), &span);
+    overflow |= c10::add_overflows(last, span, &last);
   }
-  TORCH_CHECK(covered == t.numel() || t.numel() == 0, "fastdropout: the run map covers ",
+  TORCH_CHECK(!overflow && covered < (uint64_t{1} << 63) && last < (uint64_t{1} << 63),
+              "fastdropout: the run map's global indices do not fit in 63 bits");
+  TORCH_CHECK(static_cast<int64_t>(covered) == t.numel() || t.numel() == 0,
+              "fastdropout: the run map covers ",
               covered, " elements but the local tensor has ", t.numel());
   return map;
 }

@@ -595,3 +595,7 @@ def test_sharded_op_autograd_and_bad_map():
         ops.sharded_dropout(torch.ones(4, 10), 0.5, 5, [3], [20], 5, 3, 0, None, 1)
     with pytest.raises(RuntimeError, match="at most"):
         ops.sharded_dropout(torch.ones(1), 0.5, 1, [1] * 5, [1] * 5, 0, 3, 0, None, 1)
+    with pytest.raises(RuntimeError, match="63 bits"):  # 3 * 2^62: past what the kernels index
+        ops.sharded_dropout(torch.ones(4), 0.5, 1, [4], [2 ** 62], 0, 3, 0, None, 1)
+    with pytest.raises(RuntimeError, match="63 bits"):
+        ops.sharded_dropout(torch.ones(4), 0.5, 2 ** 40, [2 ** 40], [1], 0, 3, 0, None, 1)

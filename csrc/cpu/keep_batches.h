@@ -1,8 +1,8 @@
 // The CPU kernels' way of drawing keep bits: Philox calls in batches of groups into a small
 // array of keep bytes (eight groups per call with AVX2), so that the loops over elements become
-// plain select-and-multiply loops that vectorise. Shared by dropout_cpu.cpp (the plain, channel
-// and fused kernels) and sharded_dropout_cpu.cpp (DTensor shards), so that every CPU kernel
-// draws its bits the same way.
+// plain select-and-multiply loops that vectorise. Used by every CPU kernel (dropout_cpu.cpp:
+// plain, channel and fused), for DTensor shards too (for_local_keep_batches), so that every CPU
+// kernel draws its bits the same way.
 #pragma once
 
 #include <ATen/core/Tensor.h>

@@ -2,9 +2,9 @@
 // contract applied to n * C + c, spread over the channel's elements).
 //
 // One thread per 8 consecutive elements, as the plain kernel: 16-byte loads and stores where
-// the buffers are aligned. channel_numel >= 2, so 8 consecutive elements span at most 4
-// channels and so at most 2 Philox groups of channels: each thread makes one Philox call, or
-// two where its channels straddle a group boundary. One division per thread (a multiply-high by
+// the buffers are aligned. channel_numel >= 2, so 8 consecutive elements span at most 5
+// channels (4 when they start a channel) and so at most 2 Philox groups of channels: each
+// thread makes one Philox call, or two where its channels straddle a group boundary. One division per thread (a multiply-high by
 // a precomputed magic number), none per element. On a DTensor shard (ShardIndex) the same per
 // piece of the thread's elements that is contiguous in the global tensor: one piece, mostly.
 #include "kernel_utils.cuh"
