@@ -1,6 +1,6 @@
 """Benchmark rows for the sharded ops (DTensor shards): the same local bytes through each
-unsharded op (fastdropout::dropout, dropout_, dropout_backward, bias_dropout_add and its
-backward, on the local tensor) and through its sharded form (fastdropout::sharded_*, the same
+unsharded op (fastdropout::dropout, dropout_, dropout_backward, channel dropout with channels
+of 64 elements, bias_dropout_add and its backward, on the local tensor) and through its sharded form (fastdropout::sharded_*, the same
 kernel handed the map from local runs to global indices), for runs of several lengths, with
 global run starts at multiples of 8 and not.
 
@@ -54,6 +54,9 @@ def _ops_for(x, bias, residual, rng_state, rmap):
          lambda: ops.sharded_dropout_(x, 0.1, *rmap, 1, 0, None, 1)),
         ("dropout_backward", lambda: ops.dropout_backward(x, rng_state, 0.1, 1),
          lambda: ops.sharded_dropout_backward(x, rng_state, 0.1, *rmap, 1)),
+        # channel dropout, channels of 64 elements (dropout2d on 8 x 8 feature maps)
+        ("dropout2d", lambda: ops.dropout(x, 0.1, 1, 0, None, 64),
+         lambda: ops.sharded_dropout(x, 0.1, *rmap, 1, 0, None, 64)),
         ("bias_dropout_add", lambda: ops.bias_dropout_add(x, bias, residual, 0.1, 1, 0, None),
          lambda: ops.sharded_bias_dropout_add(x, bias, residual, 0.1, *rmap, 1, 0, None)),
         ("bias_dropout_add_backward", lambda: ops.bias_dropout_add_backward(x, rng_state, 0.1),

@@ -136,10 +136,12 @@ _SHARD_CASES = [((40, 100), (40, 37), (0, 5)), ((3, 3000), (3, 1500), (0, 1003))
 
 
 def _shard_masks():
+    """Plain (channel_numel 1) and channel dropout (channels of 3 elements) on each shard."""
     from fastdropout.dtensor import run_map
     return [torch.ops.fastdropout.sharded_dropout(torch.ones(local), 0.3,
-                                                  *run_map(shape, local, offset), 6, 1, None, 1)[0]
-            for shape, local, offset in _SHARD_CASES]
+                                                  *run_map(shape, local, offset), 6, 1, None,
+                                                  channel)[0]
+            for shape, local, offset in _SHARD_CASES for channel in (1, 3)]
 
 
 def test_cpu_simd_and_scalar_paths_draw_the_same_masks():
@@ -164,13 +166,16 @@ def test_cpu_simd_and_scalar_paths_draw_the_same_masks():
             os.remove(path)
     here = [fastdropout.dropout_mask(n, p, seed=s, offset=o) for n, p, s, o in
             [(1000, 0.1, 1, 2), (4099, 0.5, 2**64 - 1, 2**40), (77, 0.9, 5, 0)]] + _shard_masks()
-    assert len(here) == len(baseline) == 5
+    assert len(here) == len(baseline) == 3 + 2 * len(_SHARD_CASES)
     for a, b in zip(here, baseline):
         assert torch.equal(a, b)
-    # and the shards are their slices of the unsharded mask
-    for (shape, local, offset), got in zip(_SHARD_CASES, here[3:]):
+    # and the shards are their slices of the unsharded masks
+    shards = iter(here[3:])
+    for shape, local, offset in _SHARD_CASES:
         box = tuple(slice(o, o + n) for o, n in zip(offset, local))
-        assert torch.equal(got, fastdropout.dropout(torch.ones(shape), 0.3, seed=6, offset=1)[box])
+        for channel in (1, 3):
+            whole = torch.ops.fastdropout.dropout(torch.ones(shape), 0.3, 6, 1, None, channel)[0]
+            assert torch.equal(next(shards), whole[box])
 
 
 # --- NaN: every NaN a kernel writes is the dtype's canonical quiet NaN --------------------------
