@@ -129,29 +129,24 @@ void sharded_channels(const scalar_t* in, scalar_t* out, int64_t numel, const Ru
     constexpr int kQueuedPieces = 64;
     struct Queued {
       int64_t local, global, global_end, c_begin, c_end;
-      int64_t listed;  // the list index of its first group
+      int64_t byte;  // the keep byte of channel c_begin: ranges.bytes[byte]
     } queue[kQueuedPieces];
-    int64_t groups[2 * kQueuedPieces];
-    uint8_t bytes[2 * kQueuedPieces * kElementsPerPhilox];
+    cpu::KeepRanges<2 * kQueuedPieces> ranges;  // two groups of channels per piece at most
     int queued = 0;
-    int64_t listed = 0;
     auto draw_queued = [&] {
-      cpu::fill_keep_bytes_gather(bytes, rng, groups, listed, threshold);
+      ranges.draw(rng, threshold);
       for (int i = 0; i < queued; ++i) {
         const Queued& q = queue[i];
-        const int64_t first_bit = q.listed * kElementsPerPhilox + q.c_begin % kElementsPerPhilox;
-        apply(q.local, q.global, q.global_end, q.c_begin, q.c_end, bytes + first_bit);
+        apply(q.local, q.global, q.global_end, q.c_begin, q.c_end, ranges.bytes + q.byte);
       }
       queued = 0;
-      listed = 0;
+      ranges.clear();
     };
     for_run_pieces(map, begin, end, [&](int64_t local, int64_t global, int64_t count) {
       const int64_t global_end = global + count;
       const int64_t c_begin = global / channel_numel;
       const int64_t c_end = (global_end - 1) / channel_numel + 1;
-      const int64_t g_begin = c_begin / kElementsPerPhilox;
-      const int64_t g_last = (c_end - 1) / kElementsPerPhilox;
-      if (g_last - g_begin >= 2) {
+      if ((c_end - 1) / kElementsPerPhilox - c_begin / kElementsPerPhilox >= 2) {
         for_keep_batches(rng, threshold, c_begin, c_end,
                          [&](int64_t first, int64_t n, const uint8_t* keep) {
                            apply(local, global, global_end, first, first + n, keep);
@@ -159,8 +154,7 @@ void sharded_channels(const scalar_t* in, scalar_t* out, int64_t numel, const Ru
         return;
       }
       if (queued == kQueuedPieces) draw_queued();
-      queue[queued++] = {local, global, global_end, c_begin, c_end, listed};
-      for (int64_t g = g_begin; g <= g_last; ++g) groups[listed++] = g;
+      queue[queued++] = {local, global, global_end, c_begin, c_end, ranges.add(c_begin, c_end)};
     });
     if (queued > 0) draw_queued();
   });

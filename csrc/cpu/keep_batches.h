@@ -169,31 +169,50 @@ inline bool runs_group_aligned(const RunMap& map) {
   return aligned;
 }
 
+// Keep bytes of short ranges of mask indices, drawn together: each range's groups go into one
+// list, drawn 8 lanes at a time, so that ranges of a few groups do not each end in a scalar
+// Philox call. Used for short shard runs (element indices) and short channel pieces (channel
+// indices). kMaxGroups bounds the groups listed between clear()s.
+template <int64_t kMaxGroups>
+struct KeepRanges {
+  int64_t groups[kMaxGroups];
+  uint8_t bytes[kMaxGroups * kElementsPerPhilox];
+  int64_t listed = 0;
+
+  // Lists mask indices [first, end); the keep byte of first will be bytes[returned value].
+  int64_t add(int64_t first, int64_t end) {
+    const int64_t first_group = first / kElementsPerPhilox;
+    const int64_t at = listed * kElementsPerPhilox + (first - first_group * kElementsPerPhilox);
+    for (int64_t g = first_group; g <= (end - 1) / kElementsPerPhilox; ++g) groups[listed++] = g;
+    return at;
+  }
+  void draw(RngPair rng, uint32_t threshold) {
+    fill_keep_bytes_gather(bytes, rng, groups, listed, threshold);
+  }
+  void clear() { listed = 0; }
+};
+
 template <typename Body>
 void for_short_run_batches(RngPair rng, uint32_t threshold, const RunMap& map, int64_t begin,
                            int64_t end, Body&& body) {
   // At most kShortRunBatch / 8 + 1 pieces of at most kShortRunBatch / 8 + 2 groups in all.
   constexpr int64_t kMaxPieces = kShortRunBatch / kElementsPerPhilox + 1;
-  constexpr int64_t kMaxGroups = kShortRunBatch / kElementsPerPhilox + 2 * kMaxPieces;
-  int64_t groups[kMaxGroups];
-  uint8_t bytes[kMaxGroups * kElementsPerPhilox];
+  KeepRanges<kShortRunBatch / kElementsPerPhilox + 2 * kMaxPieces> ranges;
   uint8_t keep[kShortRunBatch];
   struct Piece {
-    int64_t local, count, byte;  // the piece's keep bytes: bytes[byte .. byte + count)
+    int64_t local, count, byte;  // the piece's keep bytes: ranges.bytes[byte .. byte + count)
   } pieces[kMaxPieces];
   while (begin < end) {
     const int64_t n = std::min(end - begin, kShortRunBatch);
-    int64_t listed = 0, piece_count = 0;
+    int64_t piece_count = 0;
+    ranges.clear();
     for_run_pieces(map, begin, begin + n, [&](int64_t local, int64_t global, int64_t count) {
-      const int64_t first_group = global / kElementsPerPhilox;
-      const int64_t skip = global - first_group * kElementsPerPhilox;
-      pieces[piece_count++] = {local, count, listed * kElementsPerPhilox + skip};
-      const int64_t last_group = (global + count - 1) / kElementsPerPhilox;
-      for (int64_t g = first_group; g <= last_group; ++g) groups[listed++] = g;
+      pieces[piece_count++] = {local, count, ranges.add(global, global + count)};
     });
-    fill_keep_bytes_gather(bytes, rng, groups, listed, threshold);
+    ranges.draw(rng, threshold);
     for (int64_t i = 0; i < piece_count; ++i) {
-      std::memcpy(keep + (pieces[i].local - begin), bytes + pieces[i].byte, pieces[i].count);
+      std::memcpy(keep + (pieces[i].local - begin), ranges.bytes + pieces[i].byte,
+                  pieces[i].count);
     }
     body(begin, n, static_cast<const uint8_t*>(keep));
     begin += n;
