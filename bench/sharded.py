@@ -1,15 +1,17 @@
 """Benchmark rows for the sharded ops (DTensor shards): the same local bytes through each
 unsharded op (fastdropout::dropout, dropout_, dropout_backward, channel dropout with channels
-of 64 elements, bias_dropout_add and its backward, on the local tensor) and through its sharded form (fastdropout::sharded_*, the same
-kernel handed the map from local runs to global indices), for runs of several lengths, with
-global run starts at multiples of 8 and not.
+of 64 elements, bias_dropout_add and its backward, on the local tensor) and through its
+sharded form (fastdropout::sharded_*, the same kernel handed the map from local runs to global
+indices), for runs of several lengths, with global run starts at multiples of 8 and not.
 
     python bench/sharded.py [--device cpu|cuda] [--numel 16777216] [--dtype float32]
-                            [--ops dropout bias_dropout_add ...] [--json]
+                            [--ops dropout bias_dropout_add ...] [--run-lengths 256 ...]
+                            [--json]
 
 A shard of a (rows, columns) tensor split on its columns over 2 ranks has runs of columns / 2
 elements starting columns apart; "aligned" runs start at multiples of 8, "unaligned" ones at
-8k + 3 (the kernel then draws two Philox calls for some groups of 8).
+8k + 3 (the kernel then draws two Philox calls for some groups of 8). For channel dropout the
+start is counted in channels, its mask indices.
 """
 from __future__ import annotations
 
@@ -24,6 +26,7 @@ import fastdropout
 import fastdropout.dtensor as fdt
 
 ops = torch.ops.fastdropout
+CHANNEL = 64  # channel dropout's channels, in elements
 
 
 def _time_ms(fn, device: str) -> float:
@@ -45,7 +48,7 @@ def _paired(unsharded, sharded, device: str, repeats: int):
             statistics.median(s / u for u, s in pairs))
 
 
-def _ops_for(x, bias, residual, rng_state, rmap):
+def _ops_for(x, bias, residual, rng_state, rmap, channel_rmap):
     """(name, unsharded call, sharded call) for every sharded op, over the same local bytes."""
     return [
         ("dropout", lambda: ops.dropout(x, 0.1, 1, 0, None, 1),
@@ -54,9 +57,9 @@ def _ops_for(x, bias, residual, rng_state, rmap):
          lambda: ops.sharded_dropout_(x, 0.1, *rmap, 1, 0, None, 1)),
         ("dropout_backward", lambda: ops.dropout_backward(x, rng_state, 0.1, 1),
          lambda: ops.sharded_dropout_backward(x, rng_state, 0.1, *rmap, 1)),
-        # channel dropout, channels of 64 elements (dropout2d on 8 x 8 feature maps)
-        ("dropout2d", lambda: ops.dropout(x, 0.1, 1, 0, None, 64),
-         lambda: ops.sharded_dropout(x, 0.1, *rmap, 1, 0, None, 64)),
+        # channel dropout, channels of CHANNEL elements (dropout2d on 8 x 8 feature maps)
+        ("dropout2d", lambda: ops.dropout(x, 0.1, 1, 0, None, CHANNEL),
+         lambda: ops.sharded_dropout(x, 0.1, *channel_rmap, 1, 0, None, CHANNEL)),
         ("bias_dropout_add", lambda: ops.bias_dropout_add(x, bias, residual, 0.1, 1, 0, None),
          lambda: ops.sharded_bias_dropout_add(x, bias, residual, 0.1, *rmap, 1, 0, None)),
         ("bias_dropout_add_backward", lambda: ops.bias_dropout_add_backward(x, rng_state, 0.1),
@@ -64,11 +67,12 @@ def _ops_for(x, bias, residual, rng_state, rmap):
     ]
 
 
-def rows(numel: int, dtype: torch.dtype, device: str, repeats: int, op_names=None):
+def rows(numel: int, dtype: torch.dtype, device: str, repeats: int, op_names=None,
+         run_lengths=None):
     """One row per op, run length and run start: the unsharded and the sharded pass over the
     same local bytes."""
     out = []
-    for run_length in (256, 1024, 4096, 1 << 16, numel // 2):
+    for run_length in run_lengths or (256, 1024, 4096, 1 << 16, numel // 2):
         runs = numel // run_length
         x = torch.randn(runs, run_length, device=device).to(dtype)
         residual = torch.randn(runs, run_length, device=device).to(dtype)
@@ -78,7 +82,13 @@ def rows(numel: int, dtype: torch.dtype, device: str, repeats: int, op_names=Non
             # The local tensor is the columns [start, start + run_length) of a tensor
             # 2 * run_length wide.
             rmap = fdt.run_map((runs, 2 * run_length), (runs, run_length), (0, start))
-            for name, unsharded, sharded in _ops_for(x, bias, residual, rng_state, rmap):
+            # Channel dropout's mask index is the channel: its runs start at channel 8k or
+            # 8k + 3. (A DTensor shard's runs hold whole channels or lie inside one; runs that
+            # cut channels anywhere are tested, not benchmarked.)
+            channel_rmap = fdt.run_map((runs, 2 * run_length), (runs, run_length),
+                                       (0, start * CHANNEL))
+            for name, unsharded, sharded in _ops_for(x, bias, residual, rng_state, rmap,
+                                                     channel_rmap):
                 if op_names and name not in op_names:
                     continue
                 base, t, ratio = _paired(unsharded, sharded, device, repeats)
@@ -97,9 +107,12 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16", "float64"])
     parser.add_argument("--repeats", type=int, default=21)
     parser.add_argument("--ops", nargs="*", help="only these ops (default: all)")
+    parser.add_argument("--run-lengths", nargs="*", type=int,
+                        help="only these run lengths (default: 256 1024 4096 65536 numel/2)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
-    table = rows(args.numel, getattr(torch, args.dtype), args.device, args.repeats, args.ops)
+    table = rows(args.numel, getattr(torch, args.dtype), args.device, args.repeats, args.ops,
+                 args.run_lengths)
     if args.json:
         print(json.dumps(table, indent=1))
         return

@@ -130,9 +130,10 @@ def test_mask_of_a_prefix_is_the_prefix_of_the_mask():
 
 
 # Shards whose keep bytes take the CPU's other drawing paths: short runs from starts off
-# multiples of 8 (groups listed and drawn 8 lanes at a time), and long runs whose group count
-# leaves a remainder of 2 to 7 (one more 8-lane call).
-_SHARD_CASES = [((40, 100), (40, 37), (0, 5)), ((3, 3000), (3, 1500), (0, 1003))]
+# multiples of 8 (their last groups queued and drawn 8 lanes at a time), long runs whose group
+# count leaves a remainder, and channel dropout on runs of whole channels.
+_SHARD_CASES = [((40, 100), (40, 37), (0, 5)), ((3, 3000), (3, 1500), (0, 1003)),
+                ((40, 96), (40, 48), (0, 27))]  # the last: runs of whole channels of 3
 
 
 def _shard_masks():
@@ -147,7 +148,7 @@ def _shard_masks():
 def test_cpu_simd_and_scalar_paths_draw_the_same_masks():
     """On x86-64 the CPU draws eight groups at a time with AVX2 when the CPU has it; the
     baseline loop (forced by FASTDROPOUT_DISABLE_AVX2=1, in a subprocess) must agree, for
-    plain masks and for shards (whose keep bytes are also drawn from lists of groups)."""
+    plain masks and for shards (whose keep bytes are also drawn from queues of groups)."""
     import os
     import subprocess
     import sys

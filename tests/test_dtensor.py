@@ -462,6 +462,49 @@ def test_sharded_op_matches_slices_of_the_unsharded_mask(device):
             assert_bits_equal(chan, ops.dropout(full, 0.3, 21, 4, None, 67 * 7)[0][box], "channels")
 
 
+@pytest.mark.parametrize("device", devices())
+def test_sharded_ops_on_long_and_many_runs(device):
+    """Shards large enough for every way the kernels draw a shard's keep bytes: many runs per
+    batch of keep bytes (runs of 1 to 300 elements from starts on and off multiples of 8), runs
+    longer than a batch, chunks of the parallel loop cutting runs; channel dropout whose runs are
+    whole channels (from channel starts on and off multiples of 8), lie inside one channel, or
+    cut channels anywhere. Every op equals the slice of its unsharded result."""
+    import fastdropout.dtensor as fdt
+    ops = torch.ops.fastdropout
+    cases = [  # (global shape, local shape, offsets, channel_numels)
+        ((600, 512), (600, 256), (0, 0), (64, 512 * 40)),
+        ((600, 512), (600, 256), (0, 3), (64, 512 * 40)),
+        ((300, 608), (300, 300), (0, 301), (1, 608 * 3)),
+        ((20000, 7), (20000, 5), (0, 1), (7,)),
+        ((3, 9000), (3, 5003), (0, 2001), (3000,)),
+        ((8, 200, 16), (8, 157, 16), (0, 13, 0), (16, 16 * 200)),  # whole channels, 13 = 8 + 5
+        ((6, 40, 300), (6, 40, 283), (0, 0, 7), (40 * 300, 300, 450)),  # inside channels, or not
+    ]
+    for shape, local, offset, channels in cases:
+        box = tuple(slice(o, o + n) for o, n in zip(offset, local))
+        rmap = fdt.run_map(shape, local, offset)
+        what = f"{shape} {local} {offset}"
+        full = _data(shape, torch.float32, device, 5)
+        ref, state = ops.dropout(full, 0.3, 11, 2, None, 1)
+        assert_bits_equal(ops.sharded_dropout(full[box], 0.3, *rmap, 11, 2, None, 1)[0], ref[box],
+                          what)
+        assert_bits_equal(ops.sharded_dropout_backward(full[box], state, 0.3, *rmap, 1), ref[box],
+                          what + " backward")
+        for channel in channels:
+            got, _ = ops.sharded_dropout(full[box], 0.3, *rmap, 11, 2, None, channel)
+            assert_bits_equal(got, ops.dropout(full, 0.3, 11, 2, None, channel)[0][box],
+                              f"{what} channels of {channel}")
+        bias = _data(shape[-1:], torch.float32, device, 6)
+        res = _data(shape, torch.float32, device, 7)
+        fused, fused_state = ops.bias_dropout_add(full, bias, res, 0.3, 11, 2, None)
+        got, _ = ops.sharded_bias_dropout_add(full[box], bias[box[-1]], res[box], 0.3, *rmap, 11, 2,
+                                              None)
+        assert_bits_equal(got, fused[box], what + " bias_dropout_add")
+        grad_x, _ = ops.sharded_bias_dropout_add_backward(full[box], fused_state, 0.3, *rmap)
+        assert_bits_equal(grad_x, ops.bias_dropout_add_backward(full, fused_state, 0.3)[0][box],
+                          what + " grad_x")
+
+
 def _boxes(shape, boxes):
     import fastdropout.dtensor as fdt
     for lo, hi in boxes:

@@ -95,68 +95,91 @@ void apply_channel_keep(const scalar_t* in, scalar_t* out, int64_t local, int64_
   }
 }
 
-// Channel dropout: element i takes the keep bit of mask index i / channel_numel.
+// Channel dropout: element i takes the keep bit of mask index i / channel_numel; on a shard
+// whose runs are whole channels, local channel c takes that of global channel c under
+// `channel_shard` (the shard's map in channels, whole_channel_map), so the shard runs this loop.
 template <typename scalar_t>
 void dropout_channels(const scalar_t* in, scalar_t* out, int64_t numel, int64_t channel_numel,
-                      RngPair rng, uint32_t threshold, acc_type_t<scalar_t> scale) {
+                      const RunMap* channel_shard, RngPair rng, uint32_t threshold,
+                      acc_type_t<scalar_t> scale) {
   const int64_t channels = ceil_div(numel, channel_numel);
   const int64_t grain = std::max<int64_t>(1, kGrainElements / channel_numel);
   at::parallel_for(0, channels, grain, [&](int64_t begin, int64_t end) {
-    for_keep_batches(rng, threshold, begin, end,
-                     [&](int64_t first, int64_t count, const uint8_t* keep) {
-                       apply_channel_keep(in, out, 0, 0, numel, channel_numel, first,
-                                          first + count, keep, scale);
-                     });
+    for_local_keep_batches(rng, threshold, channel_shard, begin, end,
+                           [&](int64_t first, int64_t count, const uint8_t* keep) {
+                             apply_channel_keep(in, out, 0, 0, numel, channel_numel, first,
+                                                first + count, keep, scale);
+                           });
   });
 }
 
-// Channel dropout on a shard: local element e takes the keep bit of mask index
-// global(e) / channel_numel. A run piece whose channels lie in one or two groups of 8 (a short
-// run) is queued, and the groups of up to kQueuedPieces such pieces are drawn together from one
-// list, 8 lanes at a time: drawn piece by piece, each took a scalar Philox call, and runs of 256
-// with channels of 64 were 25-33% slower than the unsharded pass. Longer pieces draw their
-// channels in batches, as the unsharded kernel does.
+// A shard's map in channels, where every run is whole channels (a tensor sharded on a dimension
+// before its channels' own, e.g. Shard(0) or Shard(1) of (N, C, H, W) for dropout2d): the
+// runs' lengths, starts and strides divided by channel_numel. False where runs cut channels
+// (sharded on a dimension inside the channels: each run lies in one channel).
+inline bool whole_channel_map(const RunMap& map, int64_t channel_numel, RunMap* channel_map) {
+  bool whole = map.run_length % channel_numel == 0 && map.base % channel_numel == 0;
+  for (int l = 0; l < map.levels; ++l) whole = whole && map.strides[l] % channel_numel == 0;
+  if (!whole) return false;
+  *channel_map = map;
+  channel_map->run_length /= channel_numel;
+  channel_map->base /= channel_numel;
+  for (int l = 0; l < map.levels; ++l) channel_map->strides[l] /= channel_numel;
+  return true;
+}
+
+// Channel dropout on a shard whose runs cut channels: local element e takes the keep bit of mask
+// index global(e) / channel_numel. The channels of consecutive run pieces are written by one
+// KeepRangeWriter into one buffer of keep bytes, and the pieces are applied once it is full:
+// a short run's few channels cost no Philox call of their own (drawn piece by piece, each took a
+// scalar call, and runs of 256 with channels of 64 were 25-33% slower than the unsharded pass).
 template <typename scalar_t>
 void sharded_channels(const scalar_t* in, scalar_t* out, int64_t numel, const RunMap& map,
                       int64_t channel_numel, RngPair rng, uint32_t threshold,
                       acc_type_t<scalar_t> scale) {
-  auto apply = [&](int64_t local, int64_t global, int64_t global_end, int64_t c_begin,
-                   int64_t c_end, const uint8_t* keep) {
-    apply_channel_keep(in, out, local, global, global_end, channel_numel, c_begin, c_end, keep,
-                       scale);
-  };
   at::parallel_for(0, numel, kGrainElements, [&](int64_t begin, int64_t end) {
-    constexpr int kQueuedPieces = 64;
+    constexpr int64_t kChannels = cpu::kBatchElements;  // keep bytes per buffer
+    constexpr int kMaxPieces = 64;
+    uint8_t storage[kElementsPerPhilox + kChannels + kElementsPerPhilox];
+    uint8_t* const keep = storage + kElementsPerPhilox;
+    cpu::KeepRangeWriter writer(rng, threshold);
     struct Queued {
       int64_t local, global, global_end, c_begin, c_end;
-      int64_t byte;  // the keep byte of channel c_begin: ranges.bytes[byte]
-    } queue[kQueuedPieces];
-    cpu::KeepRanges<2 * kQueuedPieces> ranges;  // two groups of channels per piece at most
+      int64_t at;  // the keep byte of channel c_begin: keep[at]
+    } queue[kMaxPieces];
     int queued = 0;
-    auto draw_queued = [&] {
-      ranges.draw(rng, threshold);
+    int64_t filled = 0;
+    int64_t last_channel = -1;  // the channel of keep[filled - 1]
+    auto apply_queued = [&] {
+      writer.flush();
       for (int i = 0; i < queued; ++i) {
         const Queued& q = queue[i];
-        apply(q.local, q.global, q.global_end, q.c_begin, q.c_end, ranges.bytes + q.byte);
+        apply_channel_keep(in, out, q.local, q.global, q.global_end, channel_numel, q.c_begin,
+                           q.c_end, keep + q.at, scale);
       }
       queued = 0;
-      ranges.clear();
+      filled = 0;
+      last_channel = -1;
     };
     for_run_pieces(map, begin, end, [&](int64_t local, int64_t global, int64_t count) {
       const int64_t global_end = global + count;
-      const int64_t c_begin = global / channel_numel;
       const int64_t c_end = (global_end - 1) / channel_numel + 1;
-      if ((c_end - 1) / kElementsPerPhilox - c_begin / kElementsPerPhilox >= 2) {
-        for_keep_batches(rng, threshold, c_begin, c_end,
-                         [&](int64_t first, int64_t n, const uint8_t* keep) {
-                           apply(local, global, global_end, first, first + n, keep);
-                         });
-        return;
+      // A piece with more channels than the buffer holds goes in several parts.
+      for (int64_t c = global / channel_numel; c < c_end;) {
+        if (queued == kMaxPieces || filled == kChannels) apply_queued();
+        // A piece that starts in the channel the last one ended in (runs inside one channel:
+        // a tensor sharded on a dimension inside the channels) reuses its keep byte.
+        const bool reuse = c == last_channel;
+        const int64_t at = reuse ? filled - 1 : filled;
+        const int64_t n = std::min(c_end - c, kChannels - at);
+        writer.put(keep + filled, reuse ? c + 1 : c, at + n - filled);
+        queue[queued++] = {local, global, global_end, c, c + n, at};
+        filled = at + n;
+        last_channel = c + n - 1;
+        c += n;
       }
-      if (queued == kQueuedPieces) draw_queued();
-      queue[queued++] = {local, global, global_end, c_begin, c_end, ranges.add(c_begin, c_end)};
     });
-    if (queued > 0) draw_queued();
+    if (queued > 0) apply_queued();
   });
 }
 
@@ -187,10 +210,12 @@ void dropout_pass_cpu(const DropoutPass& pass) {
     scalar_t* dst = out.mutable_data_ptr<scalar_t>();
     if (pass.channel_numel == 1) {
       dropout_elements(src, dst, numel, pass.shard, rng, threshold, scale);
-    } else if (pass.shard != nullptr) {
-      sharded_channels(src, dst, numel, *pass.shard, pass.channel_numel, rng, threshold, scale);
+    } else if (pass.shard == nullptr) {
+      dropout_channels(src, dst, numel, pass.channel_numel, nullptr, rng, threshold, scale);
+    } else if (RunMap channel_map; whole_channel_map(*pass.shard, pass.channel_numel, &channel_map)) {
+      dropout_channels(src, dst, numel, pass.channel_numel, &channel_map, rng, threshold, scale);
     } else {
-      dropout_channels(src, dst, numel, pass.channel_numel, rng, threshold, scale);
+      sharded_channels(src, dst, numel, *pass.shard, pass.channel_numel, rng, threshold, scale);
     }
   });
 }

@@ -148,91 +148,142 @@ void for_run_pieces(const RunMap& map, int64_t begin, int64_t end, Piece&& piece
   }
 }
 
+// Writes the keep bytes of ranges of mask indices where the caller wants them: after put(dst,
+// first, count) and the next flush(), dst[k] is the keep byte of mask index first + k, k < count.
+// A range's whole blocks of 8 groups are drawn straight into place (one 8-lane AVX2 call per
+// block); its last groups, which fill no block, are queued and drawn 8 at a time, whichever
+// ranges they come from. So short ranges (a shard's runs of a few hundred elements, a few
+// channels) cost no scalar Philox call each, and no copy of their bytes.
+// The 8 bytes before dst and the 8 after dst + count must be addressable: the block draw writes
+// whole groups (up to 7 bytes either side of the range), and put() restores them.
+class KeepRangeWriter {
+ public:
+  KeepRangeWriter(RngPair rng, uint32_t threshold) : rng_(rng), threshold_(threshold) {}
+
+  void put(uint8_t* dst, int64_t first, int64_t count) {
+    if (count <= 0) return;
+    const auto index = static_cast<uint64_t>(first);  // mask indices are >= 0
+    const int64_t skip = static_cast<int64_t>(index % kElementsPerPhilox);
+    const auto first_group = static_cast<int64_t>(index / kElementsPerPhilox);
+    const int64_t groups = (skip + count + kElementsPerPhilox - 1) / kElementsPerPhilox;
+    int64_t direct = 0;
+#if defined(__x86_64__) && defined(__GNUC__)
+    if (use_avx2()) direct = groups & ~int64_t{7};
+    if (direct > 0) {
+      uint8_t before[kElementsPerPhilox], after[kElementsPerPhilox];
+      std::memcpy(before, dst - kElementsPerPhilox, kElementsPerPhilox);
+      std::memcpy(after, dst + count, kElementsPerPhilox);
+      keep_bytes_avx2(dst - skip, rng_.seed, rng_.offset, first_group, direct, threshold_);
+      std::memcpy(dst - kElementsPerPhilox, before, kElementsPerPhilox);
+      std::memcpy(dst + count, after, kElementsPerPhilox);
+    }
+#endif
+    for (int64_t g = direct; g < groups; ++g) {
+      // the group's bytes inside the range: [lo, hi)
+      const int64_t lo = g == 0 ? skip : 0;
+      const int64_t hi = std::min<int64_t>(kElementsPerPhilox, skip + count - g * kElementsPerPhilox);
+      groups_[queued_] = first_group + g;
+      dests_[queued_] = {dst + (g * kElementsPerPhilox - skip) + lo, static_cast<int32_t>(lo),
+                         static_cast<int32_t>(hi - lo)};
+      if (++queued_ == kQueue) flush();
+    }
+  }
+
+  int queued() const { return queued_; }
+
+  void flush() {
+    if (queued_ == 0) return;
+    uint8_t bytes[kQueue * kElementsPerPhilox];
+    fill_keep_bytes_gather(bytes, rng_, groups_, queued_, threshold_);
+    for (int i = 0; i < queued_; ++i) {
+      copy_up_to_8(dests_[i].dst, bytes + i * kElementsPerPhilox + dests_[i].lo, dests_[i].count);
+    }
+    queued_ = 0;
+  }
+
+ private:
+  static constexpr int kQueue = 8;  // one 8-lane call
+  struct Dest {
+    uint8_t* dst;
+    int32_t lo, count;  // bytes [lo, lo + count) of the group go to dst
+  };
+  // 1 to 8 bytes in at most two fixed-size moves each way (a memcpy of a variable count was a
+  // library call per queued group).
+  static void copy_up_to_8(uint8_t* dst, const uint8_t* src, int32_t n) {
+    if (n >= 4) {
+      uint32_t head, tail;
+      std::memcpy(&head, src, 4);
+      std::memcpy(&tail, src + n - 4, 4);
+      std::memcpy(dst, &head, 4);
+      std::memcpy(dst + n - 4, &tail, 4);
+    } else if (n >= 2) {
+      uint16_t head, tail;
+      std::memcpy(&head, src, 2);
+      std::memcpy(&tail, src + n - 2, 2);
+      std::memcpy(dst, &head, 2);
+      std::memcpy(dst + n - 2, &tail, 2);
+    } else {
+      *dst = *src;
+    }
+  }
+  RngPair rng_;
+  uint32_t threshold_;
+  int64_t groups_[kQueue];
+  Dest dests_[kQueue];
+  int queued_ = 0;
+};
+
+// The keep bytes of the local elements [begin, end) of a shard: body(first, count, keep) with
+// keep[k] the keep byte of local element first + k, whose mask index is its global index under
+// `map`, in batches of local elements whatever the runs: each run's piece of a batch is written
+// in place by a KeepRangeWriter, so runs of a few hundred elements still reach the element loops
+// in whole batches. A batch ends after kBatchElements, as in for_keep_batches, once nothing is
+// left queued (runs whose groups are whole), else at kShardBatchElements: a batch's queued
+// groups (one per run that starts off a multiple of 8) are drawn when it ends, and 2048 elements
+// fill the 8 lanes from runs of 256 (batches of 512 drew 2 groups in 8 lanes: runs of 256 from
+// 8k + 3 were 14-20% slower than the unsharded pass, one thread).
+constexpr int64_t kShardBatchElements = 2048;
+static_assert(kShardBatchElements % kBatchElements == 0, "batches end at multiples of kBatchElements");
+
+template <typename Body>
+void for_shard_keep_batches(RngPair rng, uint32_t threshold, const RunMap& map, int64_t begin,
+                            int64_t end, Body&& body) {
+  uint8_t storage[kElementsPerPhilox + kShardBatchElements + kElementsPerPhilox];
+  uint8_t* const keep = storage + kElementsPerPhilox;
+  KeepRangeWriter writer(rng, threshold);
+  int64_t batch = begin, filled = 0;
+  // Pieces come in local order, so each one continues the batch; they are cut at multiples of
+  // kBatchElements into it.
+  for_run_pieces(map, begin, end, [&](int64_t, int64_t global, int64_t count) {
+    while (count > 0) {
+      const int64_t n = std::min(count, kBatchElements - filled % kBatchElements);
+      writer.put(keep + filled, global, n);
+      filled += n;
+      global += n;
+      count -= n;
+      if (filled % kBatchElements == 0 && (writer.queued() == 0 || filled == kShardBatchElements)) {
+        writer.flush();
+        body(batch, filled, static_cast<const uint8_t*>(keep));
+        batch += filled;
+        filled = 0;
+      }
+    }
+  });
+  if (filled > 0) {
+    writer.flush();
+    body(batch, filled, static_cast<const uint8_t*>(keep));
+  }
+}
+
 // for_keep_batches over LOCAL elements [begin, end): body(first, count, keep) with keep[k] the
 // keep byte of local element first + k, whose mask index is its global index under `shard`
 // (null: its own index). Every CPU kernel but the channel ones draws its bits through this, so
 // a shard runs the unsharded kernel's loops.
-//
-// Short runs (8 to kShortRun elements) not all starting at multiples of 8 are drawn
-// kShortRunBatch local elements at a time: the groups of all their pieces in one list, 8 lanes
-// at a time. Drawn run by run, each such run has one group more than its 8-lane calls fill, one
-// scalar Philox call: runs of 256 from 8k + 3 were 13% slower than the unsharded pass (one
-// thread), 7% this way. Runs that start at multiples of 8, and longer runs, are drawn run by run
-// (3% and 1-3%; the list costs more than it saves there).
-constexpr int64_t kShortRun = 512;
-constexpr int64_t kShortRunBatch = 2048;
-
-// Whether every run of the map starts at a multiple of 8 and is a whole number of groups.
-inline bool runs_group_aligned(const RunMap& map) {
-  bool aligned = map.run_length % kElementsPerPhilox == 0 && map.base % kElementsPerPhilox == 0;
-  for (int l = 0; l < map.levels; ++l) aligned = aligned && map.strides[l] % kElementsPerPhilox == 0;
-  return aligned;
-}
-
-// Keep bytes of short ranges of mask indices, drawn together: each range's groups go into one
-// list, drawn 8 lanes at a time, so that ranges of a few groups do not each end in a scalar
-// Philox call. Used for short shard runs (element indices) and short channel pieces (channel
-// indices). kMaxGroups bounds the groups listed between clear()s.
-template <int64_t kMaxGroups>
-struct KeepRanges {
-  int64_t groups[kMaxGroups];
-  uint8_t bytes[kMaxGroups * kElementsPerPhilox];
-  int64_t listed = 0;
-
-  // Lists mask indices [first, end); the keep byte of first will be bytes[returned value].
-  int64_t add(int64_t first, int64_t end) {
-    const int64_t first_group = first / kElementsPerPhilox;
-    const int64_t at = listed * kElementsPerPhilox + (first - first_group * kElementsPerPhilox);
-    for (int64_t g = first_group; g <= (end - 1) / kElementsPerPhilox; ++g) groups[listed++] = g;
-    return at;
-  }
-  void draw(RngPair rng, uint32_t threshold) {
-    fill_keep_bytes_gather(bytes, rng, groups, listed, threshold);
-  }
-  void clear() { listed = 0; }
-};
-
-template <typename Body>
-void for_short_run_batches(RngPair rng, uint32_t threshold, const RunMap& map, int64_t begin,
-                           int64_t end, Body&& body) {
-  // At most kShortRunBatch / 8 + 1 pieces of at most kShortRunBatch / 8 + 2 groups in all.
-  constexpr int64_t kMaxPieces = kShortRunBatch / kElementsPerPhilox + 1;
-  KeepRanges<kShortRunBatch / kElementsPerPhilox + 2 * kMaxPieces> ranges;
-  uint8_t keep[kShortRunBatch];
-  struct Piece {
-    int64_t local, count, byte;  // the piece's keep bytes: ranges.bytes[byte .. byte + count)
-  } pieces[kMaxPieces];
-  while (begin < end) {
-    const int64_t n = std::min(end - begin, kShortRunBatch);
-    int64_t piece_count = 0;
-    ranges.clear();
-    for_run_pieces(map, begin, begin + n, [&](int64_t local, int64_t global, int64_t count) {
-      pieces[piece_count++] = {local, count, ranges.add(global, global + count)};
-    });
-    ranges.draw(rng, threshold);
-    for (int64_t i = 0; i < piece_count; ++i) {
-      std::memcpy(keep + (pieces[i].local - begin), ranges.bytes + pieces[i].byte,
-                  pieces[i].count);
-    }
-    body(begin, n, static_cast<const uint8_t*>(keep));
-    begin += n;
-  }
-}
-
 template <typename Body>
 void for_local_keep_batches(RngPair rng, uint32_t threshold, const RunMap* shard, int64_t begin,
                             int64_t end, Body&& body) {
   if (shard == nullptr) return for_keep_batches(rng, threshold, begin, end, body);
-  if (shard->run_length >= kElementsPerPhilox && shard->run_length < kShortRun &&
-      !runs_group_aligned(*shard)) {
-    return for_short_run_batches(rng, threshold, *shard, begin, end, body);
-  }
-  for_run_pieces(*shard, begin, end, [&](int64_t local, int64_t global, int64_t count) {
-    for_keep_batches(rng, threshold, global, global + count,
-                     [&](int64_t first, int64_t n, const uint8_t* keep) {
-                       body(local + (first - global), n, keep);
-                     });
-  });
+  for_shard_keep_batches(rng, threshold, *shard, begin, end, body);
 }
 
 inline RngPair read_rng_state(const at::Tensor& rng_state) {
