@@ -283,7 +283,19 @@ template <typename Body>
 void for_local_keep_batches(RngPair rng, uint32_t threshold, const RunMap* shard, int64_t begin,
                             int64_t end, Body&& body) {
   if (shard == nullptr) return for_keep_batches(rng, threshold, begin, end, body);
-  for_shard_keep_batches(rng, threshold, *shard, begin, end, body);
+  if (shard->run_length < kShardBatchElements) {
+    return for_shard_keep_batches(rng, threshold, *shard, begin, end, body);
+  }
+  // Long runs: batches of global indices, run by run, as unsharded (after a run's first batch,
+  // every batch starts at a multiple of 8). Written into local batches cut at multiples of 512,
+  // runs from unaligned starts drew one group twice per batch and queued one: 5-9% slower than
+  // this at runs of 65536 from 8k + 3 (same VM, same run).
+  for_run_pieces(*shard, begin, end, [&](int64_t local, int64_t global, int64_t count) {
+    for_keep_batches(rng, threshold, global, global + count,
+                     [&](int64_t first, int64_t n, const uint8_t* keep) {
+                       body(local + (first - global), n, keep);
+                     });
+  });
 }
 
 inline RngPair read_rng_state(const at::Tensor& rng_state) {
