@@ -45,6 +45,11 @@ inline bool use_avx2() {
 }
 #endif
 
+// keep[j] = bit j of one group's keep bits (the scalar path of the fills below).
+inline void spread_keep_bits(uint8_t* keep, uint32_t bits) {
+  for (int j = 0; j < kElementsPerPhilox; ++j) keep[j] = static_cast<uint8_t>((bits >> j) & 1u);
+}
+
 // Keep bytes of mask indices [group * 8, group * 8 + count * 8).
 inline void fill_keep_bytes(uint8_t* keep, RngPair rng, int64_t group, int64_t count,
                             uint32_t threshold) {
@@ -64,11 +69,8 @@ inline void fill_keep_bytes(uint8_t* keep, RngPair rng, int64_t group, int64_t c
   }
 #endif
   for (; k < count; ++k) {
-    const uint32_t bits = keep_bits8(rng.seed, rng.offset, static_cast<uint64_t>(group + k),
-                                     threshold);
-    for (int j = 0; j < kElementsPerPhilox; ++j) {
-      keep[k * kElementsPerPhilox + j] = static_cast<uint8_t>((bits >> j) & 1u);
-    }
+    spread_keep_bits(keep + k * kElementsPerPhilox,
+                     keep_bits8(rng.seed, rng.offset, static_cast<uint64_t>(group + k), threshold));
   }
 }
 
@@ -91,11 +93,8 @@ inline void fill_keep_bytes_gather(uint8_t* keep, RngPair rng, const int64_t* gr
   }
 #endif
   for (; k < count; ++k) {
-    const uint32_t bits = keep_bits8(rng.seed, rng.offset, static_cast<uint64_t>(groups[k]),
-                                     threshold);
-    for (int j = 0; j < kElementsPerPhilox; ++j) {
-      keep[k * kElementsPerPhilox + j] = static_cast<uint8_t>((bits >> j) & 1u);
-    }
+    spread_keep_bits(keep + k * kElementsPerPhilox,
+                     keep_bits8(rng.seed, rng.offset, static_cast<uint64_t>(groups[k]), threshold));
   }
 }
 
@@ -252,6 +251,12 @@ void for_shard_keep_batches(RngPair rng, uint32_t threshold, const RunMap& map, 
   uint8_t* const keep = storage + kElementsPerPhilox;
   KeepRangeWriter writer(rng, threshold);
   int64_t batch = begin, filled = 0;
+  auto finish_batch = [&] {
+    writer.flush();
+    body(batch, filled, static_cast<const uint8_t*>(keep));
+    batch += filled;
+    filled = 0;
+  };
   // Pieces come in local order, so each one continues the batch; they are cut at multiples of
   // kBatchElements into it.
   for_run_pieces(map, begin, end, [&](int64_t, int64_t global, int64_t count) {
@@ -262,17 +267,11 @@ void for_shard_keep_batches(RngPair rng, uint32_t threshold, const RunMap& map, 
       global += n;
       count -= n;
       if (filled % kBatchElements == 0 && (writer.queued() == 0 || filled == kShardBatchElements)) {
-        writer.flush();
-        body(batch, filled, static_cast<const uint8_t*>(keep));
-        batch += filled;
-        filled = 0;
+        finish_batch();
       }
     }
   });
-  if (filled > 0) {
-    writer.flush();
-    body(batch, filled, static_cast<const uint8_t*>(keep));
-  }
+  if (filled > 0) finish_batch();
 }
 
 // for_keep_batches over LOCAL elements [begin, end): body(first, count, keep) with keep[k] the
