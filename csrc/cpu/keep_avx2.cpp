@@ -11,7 +11,10 @@
 #define FD_ISA_NAMESPACE avx2
 #include <immintrin.h>
 
+#include <cstring>
+
 #include "../dropout_contract.h"
+#include "keep_ranges.h"
 
 namespace fastdropout {
 inline namespace FD_ISA_NAMESPACE {
@@ -56,35 +59,74 @@ inline void spread_keep_bytes(uint8_t* keep, u32x8 bits) {
   _mm256_storeu_si256(reinterpret_cast<__m256i*>(keep + 32), lanes4567);
 }
 
+// Eight consecutive groups from `first`: the low words are first + lane unless they wrap past
+// 2^32.
+inline void consecutive_groups(uint64_t first, u32x8* lo, u32x8* hi) {
+  const u32x8 lane_index = {0, 1, 2, 3, 4, 5, 6, 7};
+  *lo = u32x8{} + static_cast<uint32_t>(first) + lane_index;
+  *hi = u32x8{} + static_cast<uint32_t>(first >> 32);
+  if (static_cast<uint32_t>(first) > 0xFFFFFFFFu - 7u) {
+    for (int lane = 0; lane < 8; ++lane) (*hi)[lane] = static_cast<uint32_t>((first + lane) >> 32);
+  }
+}
+
 }  // namespace
 
 // keep[8k + j] = keep bit j of group (group + k), for k < count; count a multiple of 8.
 void keep_bytes_avx2(uint8_t* keep, uint64_t seed, uint64_t offset, int64_t group,
                      int64_t count, uint32_t threshold) {
-  const u32x8 lane_index = {0, 1, 2, 3, 4, 5, 6, 7};
   for (int64_t k = 0; k < count; k += 8) {
-    const uint64_t first = static_cast<uint64_t>(group + k);
-    // Eight consecutive groups: the low words are first + lane unless they wrap past 2^32.
-    u32x8 lo = u32x8{} + static_cast<uint32_t>(first) + lane_index;
-    u32x8 hi = u32x8{} + static_cast<uint32_t>(first >> 32);
-    if (static_cast<uint32_t>(first) > 0xFFFFFFFFu - 7u) {
-      for (int lane = 0; lane < 8; ++lane) hi[lane] = static_cast<uint32_t>((first + lane) >> 32);
-    }
+    u32x8 lo, hi;
+    consecutive_groups(static_cast<uint64_t>(group + k), &lo, &hi);
     spread_keep_bytes(keep + 8 * k, keep_bits8_lanes<u32x8>(lo, hi, seed, offset, threshold));
   }
 }
 
-// keep[8k + j] = keep bit j of groups[k], for k < count; count a multiple of 8 (any groups).
-void keep_bytes_avx2_gather(uint8_t* keep, uint64_t seed, uint64_t offset, const int64_t* groups,
-                            int64_t count, uint32_t threshold) {
-  for (int64_t k = 0; k < count; k += 8) {
+// The queued groups of the ranges (keep_ranges.h), in order, 8 to a vector whichever ranges they
+// come from: bytes[8q + j] = keep bit j of the q-th. bytes holds their count rounded up to a
+// multiple of 8 groups (spare lanes repeat the last group).
+void keep_queued_avx2(const cpu::KeepRange* ranges, int64_t count, uint8_t* bytes, uint64_t seed,
+                      uint64_t offset, uint32_t threshold) {
+  uint64_t groups[8];
+  int size = 0;
+  auto draw = [&] {
     u32x8 lo, hi;
     for (int lane = 0; lane < 8; ++lane) {
-      const auto g = static_cast<uint64_t>(groups[k + lane]);
+      const uint64_t g = groups[lane < size ? lane : size - 1];
       lo[lane] = static_cast<uint32_t>(g);
       hi[lane] = static_cast<uint32_t>(g >> 32);
     }
-    spread_keep_bytes(keep + 8 * k, keep_bits8_lanes<u32x8>(lo, hi, seed, offset, threshold));
+    spread_keep_bytes(bytes, keep_bits8_lanes<u32x8>(lo, hi, seed, offset, threshold));
+    bytes += 8 * kElementsPerPhilox;
+    size = 0;
+  };
+  for (int64_t i = 0; i < count; ++i) {
+    for_queued_groups(ranges[i], [&](uint64_t group, uint8_t*, int64_t, int64_t) {
+      groups[size++] = group;
+      if (size == 8) draw();
+    });
+  }
+  if (size > 0) draw();
+}
+
+// The keep bytes of the ranges, in place: their blocks drawn (one call for many ranges: the key
+// schedule's broadcasts, ~125 instructions, are made once), their queued groups' bytes copied
+// from `queued` (keep_queued_avx2's bytes, from these ranges' first queued group on).
+void keep_ranges_avx2(const cpu::KeepRange* ranges, int64_t count, const uint8_t* queued,
+                      uint64_t seed, uint64_t offset, uint32_t threshold) {
+  for (int64_t i = 0; i < count; ++i) {
+    const cpu::KeepRange& range = ranges[i];
+    draw_in_place(range, [&](uint8_t* keep, uint64_t group, int64_t blocks) {
+      for (int64_t b = 0; b < blocks; ++b) {
+        u32x8 lo, hi;
+        consecutive_groups(group + 8 * static_cast<uint64_t>(b), &lo, &hi);
+        spread_keep_bytes(keep + 64 * b, keep_bits8_lanes<u32x8>(lo, hi, seed, offset, threshold));
+      }
+    });
+    for_queued_groups(range, [&](uint64_t, uint8_t* dst, int64_t lo, int64_t n) {
+      copy_up_to_8(dst, queued + lo, n);
+      queued += kElementsPerPhilox;
+    });
   }
 }
 

@@ -11,8 +11,10 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <limits>
 
 #include "../fastdropout.h"
+#include "keep_ranges.h"
 
 namespace fastdropout {
 
@@ -20,9 +22,12 @@ namespace fastdropout {
 // csrc/cpu/keep_avx2.cpp: eight groups per call, AVX2.
 void keep_bytes_avx2(uint8_t* keep, uint64_t seed, uint64_t offset, int64_t group, int64_t count,
                      uint32_t threshold);
-// The same for any groups: keep[8k + j] = bit j of groups[k], count a multiple of 8.
-void keep_bytes_avx2_gather(uint8_t* keep, uint64_t seed, uint64_t offset, const int64_t* groups,
-                            int64_t count, uint32_t threshold);
+// KeepRangeWriter's draws (keep_ranges.h): the queued groups of ranges, 8 to a vector, into
+// bytes; then the ranges' keep bytes in place, their queued groups' bytes copied from `queued`.
+void keep_queued_avx2(const cpu::KeepRange* ranges, int64_t count, uint8_t* bytes, uint64_t seed,
+                      uint64_t offset, uint32_t threshold);
+void keep_ranges_avx2(const cpu::KeepRange* ranges, int64_t count, const uint8_t* queued,
+                      uint64_t seed, uint64_t offset, uint32_t threshold);
 #endif
 
 namespace cpu {
@@ -71,30 +76,6 @@ inline void fill_keep_bytes(uint8_t* keep, RngPair rng, int64_t group, int64_t c
   for (; k < count; ++k) {
     spread_keep_bits(keep + k * kElementsPerPhilox,
                      keep_bits8(rng.seed, rng.offset, static_cast<uint64_t>(group + k), threshold));
-  }
-}
-
-// Keep bytes of the groups listed: keep[8k + j] = bit j of groups[k], for k < count.
-inline void fill_keep_bytes_gather(uint8_t* keep, RngPair rng, const int64_t* groups,
-                                   int64_t count, uint32_t threshold) {
-  int64_t k = 0;
-#if defined(__x86_64__) && defined(__GNUC__)
-  if (use_avx2()) {
-    k = count & ~int64_t{7};
-    keep_bytes_avx2_gather(keep, rng.seed, rng.offset, groups, k, threshold);
-    if (count - k >= 2) {  // as in fill_keep_bytes: 8 lanes, the spare ones repeat the last group
-      int64_t lane_groups[8];
-      uint8_t lanes[8 * kElementsPerPhilox];
-      for (int lane = 0; lane < 8; ++lane) lane_groups[lane] = groups[std::min(k + lane, count - 1)];
-      keep_bytes_avx2_gather(lanes, rng.seed, rng.offset, lane_groups, 8, threshold);
-      std::memcpy(keep + k * kElementsPerPhilox, lanes, (count - k) * kElementsPerPhilox);
-      return;
-    }
-  }
-#endif
-  for (; k < count; ++k) {
-    spread_keep_bits(keep + k * kElementsPerPhilox,
-                     keep_bits8(rng.seed, rng.offset, static_cast<uint64_t>(groups[k]), threshold));
   }
 }
 
@@ -149,100 +130,108 @@ void for_run_pieces(const RunMap& map, int64_t begin, int64_t end, Piece&& piece
 
 // Writes the keep bytes of ranges of mask indices where the caller wants them: after put(dst,
 // first, count) and the next flush(), dst[k] is the keep byte of mask index first + k, k < count.
-// A range's whole blocks of 8 groups are drawn straight into place (one 8-lane AVX2 call per
-// block); its last groups, which fill no block, are queued and drawn 8 at a time, whichever
-// ranges they come from. So short ranges (a shard's runs of a few hundred elements, a few
-// channels) cost no scalar Philox call each, and no copy of their bytes.
-// The 8 bytes before dst and the 8 after dst + count must be addressable: the block draw writes
-// whole groups (up to 7 bytes either side of the range), and put() restores them.
+// A flush draws the ranges put since the last one together (keep_ranges.h): their whole blocks
+// of 8 groups straight into place, their other groups 8 to a vector whichever ranges they come
+// from. So short ranges (a shard's runs of a few hundred elements, a few channels) cost neither
+// a call of their own nor a scalar Philox call each, nor a copy of their bytes. Ranges are put
+// in order of dst, none overlapping; the 8 bytes before each and the 8 after must be addressable.
 class KeepRangeWriter {
  public:
-  KeepRangeWriter(RngPair rng, uint32_t threshold) : rng_(rng), threshold_(threshold) {}
+  static constexpr int kMaxRanges = 64;
+
+  KeepRangeWriter(RngPair rng, uint32_t threshold)
+      : rng_(rng), threshold_(threshold), blocks_(with_blocks()) {}
+
+  bool full() const { return size_ == kMaxRanges; }
 
   void put(uint8_t* dst, int64_t first, int64_t count) {
     if (count <= 0) return;
-    const auto index = static_cast<uint64_t>(first);  // mask indices are >= 0
-    const int64_t skip = static_cast<int64_t>(index % kElementsPerPhilox);
-    const auto first_group = static_cast<int64_t>(index / kElementsPerPhilox);
-    const int64_t groups = (skip + count + kElementsPerPhilox - 1) / kElementsPerPhilox;
-    int64_t direct = 0;
-#if defined(__x86_64__) && defined(__GNUC__)
-    if (use_avx2()) direct = groups & ~int64_t{7};
-    if (direct > 0) {
-      uint8_t before[kElementsPerPhilox], after[kElementsPerPhilox];
-      std::memcpy(before, dst - kElementsPerPhilox, kElementsPerPhilox);
-      std::memcpy(after, dst + count, kElementsPerPhilox);
-      keep_bytes_avx2(dst - skip, rng_.seed, rng_.offset, first_group, direct, threshold_);
-      std::memcpy(dst - kElementsPerPhilox, before, kElementsPerPhilox);
-      std::memcpy(dst + count, after, kElementsPerPhilox);
-    }
-#endif
-    for (int64_t g = direct; g < groups; ++g) {
-      // the group's bytes inside the range: [lo, hi)
-      const int64_t lo = g == 0 ? skip : 0;
-      const int64_t hi = std::min<int64_t>(kElementsPerPhilox, skip + count - g * kElementsPerPhilox);
-      groups_[queued_] = first_group + g;
-      dests_[queued_] = {dst + (g * kElementsPerPhilox - skip) + lo, static_cast<int32_t>(lo),
-                         static_cast<int32_t>(hi - lo)};
-      if (++queued_ == kQueue) flush();
-    }
+    if (full()) flush();
+    const KeepRange& range = ranges_[size_] = make_keep_range(dst, first, count, blocks_);
+    queued_[size_ + 1] = queued_[size_] + (range.groups - range.in_place);
+    ++size_;
   }
 
-  int queued() const { return queued_; }
+  // Draws the ranges put since the last flush, and calls done(begin, end) after those of each
+  // part of at least `part` bytes (the last part: what is left), begin .. end - 1 being the
+  // bytes of the part's ranges (and any gaps between them). Their queued groups are drawn first,
+  // all together; then each part's blocks, just before done(): so that the element loops of a
+  // shard, called by done(), alternate with the Philox calls in parts as short as unsharded
+  // (kBatchElements), while the queued groups of a whole batch still fill the 8 lanes.
+  template <typename Done>
+  void flush(int64_t part, Done&& done) {
+    if (size_ == 0) return;
+#if defined(__x86_64__) && defined(__GNUC__)
+    if (blocks_) {
+      uint8_t queued_bytes[(kMaxQueued + 7) * kElementsPerPhilox];
+      if (queued_[size_] > 0) {
+        keep_queued_avx2(ranges_, size_, queued_bytes, rng_.seed, rng_.offset, threshold_);
+      }
+      for (int begin = 0; begin < size_;) {
+        int end = begin + 1;
+        while (end < size_ && bytes_between(begin, end) < part) ++end;
+        keep_ranges_avx2(ranges_ + begin, end - begin,
+                         queued_bytes + queued_[begin] * kElementsPerPhilox, rng_.seed,
+                         rng_.offset, threshold_);
+        done(ranges_[begin].dst, ranges_[begin].dst + bytes_between(begin, end));
+        begin = end;
+      }
+      size_ = 0;
+      return;
+    }
+#endif
+    for (int i = 0; i < size_; ++i) {  // the scalar path: every group on its own
+      for_queued_groups(ranges_[i], [&](uint64_t group, uint8_t* dst, int64_t lo, int64_t n) {
+        uint8_t bytes[kElementsPerPhilox];
+        spread_keep_bits(bytes, keep_bits8(rng_.seed, rng_.offset, group, threshold_));
+        copy_up_to_8(dst, bytes + lo, n);
+      });
+    }
+    done(ranges_[0].dst, ranges_[0].dst + bytes_between(0, size_));
+    size_ = 0;
+  }
 
   void flush() {
-    if (queued_ == 0) return;
-    uint8_t bytes[kQueue * kElementsPerPhilox];
-    fill_keep_bytes_gather(bytes, rng_, groups_, queued_, threshold_);
-    for (int i = 0; i < queued_; ++i) {
-      copy_up_to_8(dests_[i].dst, bytes + i * kElementsPerPhilox + dests_[i].lo, dests_[i].count);
-    }
-    queued_ = 0;
+    flush(std::numeric_limits<int64_t>::max(), [](const uint8_t*, const uint8_t*) {});
   }
 
  private:
-  static constexpr int kQueue = 8;  // one 8-lane call
-  struct Dest {
-    uint8_t* dst;
-    int32_t lo, count;  // bytes [lo, lo + count) of the group go to dst
-  };
-  // 1 to 8 bytes in at most two fixed-size moves each way (a memcpy of a variable count was a
-  // library call per queued group).
-  static void copy_up_to_8(uint8_t* dst, const uint8_t* src, int32_t n) {
-    if (n >= 4) {
-      uint32_t head, tail;
-      std::memcpy(&head, src, 4);
-      std::memcpy(&tail, src + n - 4, 4);
-      std::memcpy(dst, &head, 4);
-      std::memcpy(dst + n - 4, &tail, 4);
-    } else if (n >= 2) {
-      uint16_t head, tail;
-      std::memcpy(&head, src, 2);
-      std::memcpy(&tail, src + n - 2, 2);
-      std::memcpy(dst, &head, 2);
-      std::memcpy(dst + n - 2, &tail, 2);
-    } else {
-      *dst = *src;
-    }
+  // A range queues at most 7 groups (3 when it has a block).
+  static constexpr int kMaxQueued = kMaxRanges * 7;
+
+  // From the first byte of range `begin` to the end of range end - 1.
+  int64_t bytes_between(int begin, int end) const {
+    return ranges_[end - 1].dst + ranges_[end - 1].count - ranges_[begin].dst;
   }
+
+  // The AVX2 path (keep_avx2.cpp) draws blocks of 8 groups; the scalar one, groups.
+  static bool with_blocks() {
+#if defined(__x86_64__) && defined(__GNUC__)
+    return use_avx2();
+#else
+    return false;
+#endif
+  }
+
   RngPair rng_;
   uint32_t threshold_;
-  int64_t groups_[kQueue];
-  Dest dests_[kQueue];
-  int queued_ = 0;
+  bool blocks_;
+  KeepRange ranges_[kMaxRanges];
+  int64_t queued_[kMaxRanges + 1] = {};  // queued groups of ranges [0, i)
+  int size_ = 0;
 };
 
-// The keep bytes of the local elements [begin, end) of a shard: body(first, count, keep) with
-// keep[k] the keep byte of local element first + k, whose mask index is its global index under
-// `map`, in batches of local elements whatever the runs: each run's piece of a batch is written
-// in place by a KeepRangeWriter, so runs of a few hundred elements still reach the element loops
-// in whole batches. A batch ends after kBatchElements, as in for_keep_batches, once nothing is
-// left queued (runs whose groups are whole), else at kShardBatchElements: a batch's queued
-// groups (one per run that starts off a multiple of 8) are drawn when it ends, and 2048 elements
-// fill the 8 lanes from runs of 256 (batches of 512 drew 2 groups in 8 lanes: runs of 256 from
-// 8k + 3 were 14-20% slower than the unsharded pass, one thread).
+// The keep bytes of the local elements [begin, end) of a shard whose runs are shorter than
+// kShardBatchElements: body(first, count, keep) with keep[k] the keep byte of local element
+// first + k, whose mask index is its global index under `map`. A batch is as many whole run
+// pieces as fit in kShardBatchElements, each written in place by one KeepRangeWriter, so that
+// the groups no block draws (one per run of 256 from 8k + 3) fill the 8 lanes of their vectors.
+// Its flush draws it and calls the element loops in parts of about kBatchElements
+// (KeepRangeWriter::flush), so that they read fresh data while the next part's Philox calls run,
+// as unsharded: drawn whole before one element loop, batches of 2048 made bias_dropout_add on
+// runs of 256 from multiples of 8 10% slower than unsharded, against 4% (one thread, 2^22 fp32,
+// this project's 2-core VM).
 constexpr int64_t kShardBatchElements = 2048;
-static_assert(kShardBatchElements % kBatchElements == 0, "batches end at multiples of kBatchElements");
 
 template <typename Body>
 void for_shard_keep_batches(RngPair rng, uint32_t threshold, const RunMap& map, int64_t begin,
@@ -250,26 +239,19 @@ void for_shard_keep_batches(RngPair rng, uint32_t threshold, const RunMap& map, 
   uint8_t storage[kElementsPerPhilox + kShardBatchElements + kElementsPerPhilox];
   uint8_t* const keep = storage + kElementsPerPhilox;
   KeepRangeWriter writer(rng, threshold);
-  int64_t batch = begin, filled = 0;
+  int64_t filled = 0;
   auto finish_batch = [&] {
-    writer.flush();
-    body(batch, filled, static_cast<const uint8_t*>(keep));
-    batch += filled;
+    writer.flush(kBatchElements, [&](const uint8_t* part, const uint8_t* part_end) {
+      body(begin + (part - keep), part_end - part, part);
+    });
+    begin += filled;
     filled = 0;
   };
-  // Pieces come in local order, so each one continues the batch; they are cut at multiples of
-  // kBatchElements into it.
+  // Pieces come in local order, so each one continues the batch; none is longer than a run.
   for_run_pieces(map, begin, end, [&](int64_t, int64_t global, int64_t count) {
-    while (count > 0) {
-      const int64_t n = std::min(count, kBatchElements - filled % kBatchElements);
-      writer.put(keep + filled, global, n);
-      filled += n;
-      global += n;
-      count -= n;
-      if (filled % kBatchElements == 0 && (writer.queued() == 0 || filled == kShardBatchElements)) {
-        finish_batch();
-      }
-    }
+    if (filled + count > kShardBatchElements || writer.full()) finish_batch();
+    writer.put(keep + filled, global, count);
+    filled += count;
   });
   if (filled > 0) finish_batch();
 }
