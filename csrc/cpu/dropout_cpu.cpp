@@ -140,7 +140,7 @@ void sharded_channels(const scalar_t* in, scalar_t* out, int64_t numel, const Ru
   at::parallel_for(0, numel, kGrainElements, [&](int64_t begin, int64_t end) {
     constexpr int64_t kChannels = cpu::kBatchElements;  // keep bytes per buffer
     constexpr int kMaxPieces = 64;
-    uint8_t storage[kElementsPerPhilox + kChannels + kElementsPerPhilox];
+    uint8_t storage[kElementsPerPhilox + kChannels + kElementsPerPhilox] = {};
     uint8_t* const keep = storage + kElementsPerPhilox;
     cpu::KeepRangeWriter writer(rng, threshold);
     struct Queued {

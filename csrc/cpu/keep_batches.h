@@ -133,8 +133,10 @@ void for_run_pieces(const RunMap& map, int64_t begin, int64_t end, Piece&& piece
 // A flush draws the ranges put since the last one together (keep_ranges.h): their whole blocks
 // of 8 groups straight into place, their other groups 8 to a vector whichever ranges they come
 // from. So short ranges (a shard's runs of a few hundred elements, a few channels) cost neither
-// a call of their own nor a scalar Philox call each, nor a copy of their bytes. Ranges are put
-// in order of dst, none overlapping; the 8 bytes before each and the 8 after must be addressable.
+// a call of their own nor a scalar Philox call each, and a range of 8 groups or more no copy of
+// its bytes but those of its last few groups. Ranges are put in order of dst, none overlapping;
+// the 8 bytes before each and the 8 after must be addressable, and initialised (they are saved
+// and put back around a block draw).
 class KeepRangeWriter {
  public:
   static constexpr int kMaxRanges = 64;
@@ -223,8 +225,10 @@ class KeepRangeWriter {
 
 // The keep bytes of the local elements [begin, end) of a shard whose runs are shorter than
 // kShardBatchElements: body(first, count, keep) with keep[k] the keep byte of local element
-// first + k, whose mask index is its global index under `map`. A batch is as many whole run
-// pieces as fit in kShardBatchElements, each written in place by one KeepRangeWriter, so that
+// first + k, whose mask index is its global index under `map`; count is at most
+// kShardBatchElements (not kBatchElements, as unsharded). A batch is as many whole run pieces as
+// fit in kShardBatchElements (and at most KeepRangeWriter::kMaxRanges of them, which is what
+// bounds runs shorter than 32), each written in place by one KeepRangeWriter, so that
 // the groups no block draws (one per run of 256 from 8k + 3) fill the 8 lanes of their vectors.
 // Its flush draws it and calls the element loops in parts of about kBatchElements
 // (KeepRangeWriter::flush), so that they read fresh data while the next part's Philox calls run,
@@ -236,7 +240,7 @@ constexpr int64_t kShardBatchElements = 2048;
 template <typename Body>
 void for_shard_keep_batches(RngPair rng, uint32_t threshold, const RunMap& map, int64_t begin,
                             int64_t end, Body&& body) {
-  uint8_t storage[kElementsPerPhilox + kShardBatchElements + kElementsPerPhilox];
+  uint8_t storage[kElementsPerPhilox + kShardBatchElements + kElementsPerPhilox] = {};
   uint8_t* const keep = storage + kElementsPerPhilox;
   KeepRangeWriter writer(rng, threshold);
   int64_t filled = 0;
@@ -259,7 +263,8 @@ void for_shard_keep_batches(RngPair rng, uint32_t threshold, const RunMap& map, 
 // for_keep_batches over LOCAL elements [begin, end): body(first, count, keep) with keep[k] the
 // keep byte of local element first + k, whose mask index is its global index under `shard`
 // (null: its own index). Every CPU kernel but the channel ones draws its bits through this, so
-// a shard runs the unsharded kernel's loops.
+// a shard runs the unsharded kernel's loops; count is at most kBatchElements unsharded, and at
+// most kShardBatchElements on a shard.
 template <typename Body>
 void for_local_keep_batches(RngPair rng, uint32_t threshold, const RunMap* shard, int64_t begin,
                             int64_t end, Body&& body) {
