@@ -4,8 +4,9 @@
 // vectorisation of the scalar loop on this project's EPYC CI machine (bench/NOTES.md).
 //
 // The whole translation unit is compiled for AVX2 (the pragma comes before any include), and
-// keep_batches.h calls it only after a CPUID check (use_avx2). Its inline functions live in the inline
-// namespace fastdropout::avx2, so none of them can stand in for a baseline one at link time.
+// keep_batches.h calls it only after a CPUID check (use_avx2). Its inline functions live in the
+// inline namespace fastdropout::avx2, so none of them can stand in for a baseline one at link
+// time.
 #if defined(__x86_64__) && defined(__GNUC__)
 #pragma GCC target("avx2")
 #define FD_ISA_NAMESPACE avx2

@@ -149,9 +149,7 @@ class KeepRangeWriter {
   void put(uint8_t* dst, int64_t first, int64_t count) {
     if (count <= 0) return;
     if (full()) flush();
-    const KeepRange& range = ranges_[size_] = make_keep_range(dst, first, count, blocks_);
-    queued_[size_ + 1] = queued_[size_] + (range.groups - range.in_place);
-    ++size_;
+    ranges_[size_++] = make_keep_range(dst, first, count, blocks_);
   }
 
   // Draws the ranges put since the last flush, and calls done(begin, end) after those of each
@@ -166,16 +164,17 @@ class KeepRangeWriter {
 #if defined(__x86_64__) && defined(__GNUC__)
     if (blocks_) {
       uint8_t queued_bytes[(kMaxQueued + 7) * kElementsPerPhilox];
-      if (queued_[size_] > 0) {
+      if (queued_groups(0, size_) > 0) {
         keep_queued_avx2(ranges_, size_, queued_bytes, rng_.seed, rng_.offset, threshold_);
       }
+      int64_t queued = 0;  // of the ranges before `begin`: the part's first is queued_bytes[8q]
       for (int begin = 0; begin < size_;) {
         int end = begin + 1;
         while (end < size_ && bytes_between(begin, end) < part) ++end;
-        keep_ranges_avx2(ranges_ + begin, end - begin,
-                         queued_bytes + queued_[begin] * kElementsPerPhilox, rng_.seed,
-                         rng_.offset, threshold_);
+        keep_ranges_avx2(ranges_ + begin, end - begin, queued_bytes + queued * kElementsPerPhilox,
+                         rng_.seed, rng_.offset, threshold_);
         done(ranges_[begin].dst, ranges_[begin].dst + bytes_between(begin, end));
+        queued += queued_groups(begin, end);
         begin = end;
       }
       size_ = 0;
@@ -201,6 +200,13 @@ class KeepRangeWriter {
   // A range queues at most 7 groups (3 when it has a block).
   static constexpr int kMaxQueued = kMaxRanges * 7;
 
+  // The groups ranges [begin, end) queue.
+  int64_t queued_groups(int begin, int end) const {
+    int64_t groups = 0;
+    for (int i = begin; i < end; ++i) groups += ranges_[i].groups - ranges_[i].in_place;
+    return groups;
+  }
+
   // From the first byte of range `begin` to the end of range end - 1.
   int64_t bytes_between(int begin, int end) const {
     return ranges_[end - 1].dst + ranges_[end - 1].count - ranges_[begin].dst;
@@ -219,7 +225,6 @@ class KeepRangeWriter {
   uint32_t threshold_;
   bool blocks_;
   KeepRange ranges_[kMaxRanges];
-  int64_t queued_[kMaxRanges + 1] = {};  // queued groups of ranges [0, i)
   int size_ = 0;
 };
 
