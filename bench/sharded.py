@@ -2,7 +2,9 @@
 unsharded op (fastdropout::dropout, dropout_, dropout_backward, channel dropout with channels
 of 64 elements, bias_dropout_add and its backward, on the local tensor) and through its
 sharded form (fastdropout::sharded_*, the same kernel handed the map from local runs to global
-indices), for runs of several lengths, with global run starts at multiples of 8 and not.
+indices), for runs of several lengths, with global run starts at multiples of 8 and not; and,
+as the control, each op handed a map of one run (run start "one run"), whose kernels run as
+unsharded, to show the sharded ops' own overhead per call.
 
     python bench/sharded.py [--device cpu|cuda] [--numel 16777216] [--dtype float32]
                             [--ops dropout bias_dropout_add ...] [--run-lengths 256 ...]
@@ -72,6 +74,20 @@ def rows(numel: int, dtype: torch.dtype, device: str, repeats: int, op_names=Non
     """One row per op, run length and run start: the unsharded and the sharded pass over the
     same local bytes."""
     out = []
+    # The control: the sharded ops handed a map of one run (the whole local tensor), whose
+    # kernels run as unsharded: what is left is the sharded ops' own overhead per call (their
+    # autograd is registered in Python, fastdropout/dtensor.py).
+    x = torch.randn(numel, device=device).to(dtype)
+    rng_state = ops.dropout(x, 0.1, 1, 0, None, 1)[1]
+    one_run = (numel, [1], [numel], 0)
+    for name, unsharded, sharded in _ops_for(x, x[:1], x, rng_state, one_run, one_run):
+        if (op_names and name not in op_names) or name.startswith("bias"):
+            continue
+        base, t, ratio = _paired(unsharded, sharded, device, repeats)
+        out.append({"device": device, "dtype": str(dtype).replace("torch.", ""), "op": name,
+                    "numel": numel, "run_length": numel, "run_start": "one run",
+                    "unsharded_ms": round(base, 3), "sharded_ms": round(t, 3),
+                    "sharded_vs_unsharded": round(ratio, 3)})
     for run_length in run_lengths or (256, 1024, 4096, 1 << 16, numel // 2):
         runs = numel // run_length
         x = torch.randn(runs, run_length, device=device).to(dtype)

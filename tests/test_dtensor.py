@@ -479,6 +479,11 @@ def test_sharded_ops_on_long_and_many_runs(device):
         ((3, 9000), (3, 5003), (0, 2001), (3000,)),
         ((8, 200, 16), (8, 157, 16), (0, 13, 0), (16, 16 * 200)),  # whole channels, 13 = 8 + 5
         ((6, 40, 300), (6, 40, 283), (0, 0, 7), (40 * 300, 300, 450)),  # inside channels, or not
+        # runs of a few whole channels, few between them (drawn a span at a time): from channel
+        # 8k + 3, from channels 6r + 2 (some runs cross a group of 8), and on two levels
+        ((600, 512), (600, 256), (0, 192), (64,)),
+        ((40, 6, 64), (40, 3, 64), (0, 2, 0), (64,)),
+        ((10, 12, 6, 32), (10, 6, 3, 32), (0, 5, 2, 0), (32,)),
     ]
     for shape, local, offset, channels in cases:
         box = tuple(slice(o, o + n) for o, n in zip(offset, local))

@@ -83,51 +83,52 @@ void keep_bytes_avx2(uint8_t* keep, uint64_t seed, uint64_t offset, int64_t grou
   }
 }
 
-// The queued groups of the ranges (keep_ranges.h), in order, 8 to a vector whichever ranges they
-// come from: bytes[8q + j] = keep bit j of the q-th. bytes holds their count rounded up to a
-// multiple of 8 groups (spare lanes repeat the last group).
-void keep_queued_avx2(const cpu::KeepRange* ranges, int64_t count, uint8_t* bytes, uint64_t seed,
-                      uint64_t offset, uint32_t threshold) {
-  uint64_t groups[8];
-  int size = 0;
-  auto draw = [&] {
-    u32x8 lo, hi;
-    for (int lane = 0; lane < 8; ++lane) {
-      const uint64_t g = groups[lane < size ? lane : size - 1];
-      lo[lane] = static_cast<uint32_t>(g);
-      hi[lane] = static_cast<uint32_t>(g >> 32);
-    }
-    spread_keep_bytes(bytes, keep_bits8_lanes<u32x8>(lo, hi, seed, offset, threshold));
-    bytes += 8 * kElementsPerPhilox;
-    size = 0;
-  };
-  for (int64_t i = 0; i < count; ++i) {
-    for_queued_groups(ranges[i], [&](uint64_t group, uint8_t*, int64_t, int64_t) {
-      groups[size++] = group;
-      if (size == 8) draw();
-    });
-  }
-  if (size > 0) draw();
-}
-
-// The keep bytes of the ranges, in place: their blocks drawn (one call for many ranges: the key
-// schedule's broadcasts, ~125 instructions, are made once), their queued groups' bytes copied
-// from `queued` (keep_queued_avx2's bytes, from these ranges' first queued group on).
-void keep_ranges_avx2(const cpu::KeepRange* ranges, int64_t count, const uint8_t* queued,
-                      uint64_t seed, uint64_t offset, uint32_t threshold) {
+// The stream's group indices (keep_ranges.h): lo[s + g], hi[s + g] = the words of group
+// first / 8 + g of the range whose stream place is s, for each of its groups; up to 7 more past
+// each range's last are written too (the next range overwrites them), so lo and hi hold 8
+// places more than the stream.
+void keep_stream_index_avx2(const cpu::KeepRange* ranges, int64_t count, uint32_t* lo,
+                            uint32_t* hi) {
   for (int64_t i = 0; i < count; ++i) {
     const cpu::KeepRange& range = ranges[i];
-    draw_in_place(range, [&](uint8_t* keep, uint64_t group, int64_t blocks) {
-      for (int64_t b = 0; b < blocks; ++b) {
-        u32x8 lo, hi;
-        consecutive_groups(group + 8 * static_cast<uint64_t>(b), &lo, &hi);
-        spread_keep_bytes(keep + 64 * b, keep_bits8_lanes<u32x8>(lo, hi, seed, offset, threshold));
-      }
-    });
-    for_queued_groups(range, [&](uint64_t, uint8_t* dst, int64_t lo, int64_t n) {
-      copy_up_to_8(dst, queued + lo, n);
-      queued += kElementsPerPhilox;
-    });
+    const uint64_t first = range_first_group(range);
+    const int64_t groups = range_groups(range.first, range.count);
+    for (int64_t g = 0; g < groups; g += 8) {
+      u32x8 l, h;
+      consecutive_groups(first + static_cast<uint64_t>(g), &l, &h);
+      std::memcpy(lo + range.stream + g, &l, sizeof l);
+      std::memcpy(hi + range.stream + g, &h, sizeof h);
+    }
+  }
+}
+
+// Draws stream places [from, to) (from and to multiples of 8) into bits (8 keep bits per place),
+// then writes the ranges' keep bytes from the bits of their places, 64 bytes a vector: each
+// range's last vector writes up to 63 bytes past it, which the next range overwrites.
+void keep_stream_ranges_avx2(const cpu::KeepRange* ranges, int64_t count, const uint32_t* lo,
+                             const uint32_t* hi, uint32_t* bits, int64_t from, int64_t to,
+                             uint64_t seed, uint64_t offset, uint32_t threshold) {
+  for (int64_t k = from; k < to; k += 8) {
+    u32x8 l, h;
+    std::memcpy(&l, lo + k, sizeof l);
+    std::memcpy(&h, hi + k, sizeof h);
+    const u32x8 b = keep_bits8_lanes<u32x8>(l, h, seed, offset, threshold);
+    std::memcpy(bits + k, &b, sizeof b);
+  }
+  for (int64_t i = 0; i < count; ++i) {
+    const cpu::KeepRange& range = ranges[i];
+    const uint32_t skip = static_cast<uint32_t>(range_skip(range));
+    if (range.count <= kElementsPerPhilox) {  // a few channels: 8 bytes, not a vector's 64
+      const uint32_t* group = bits + range.stream;
+      spread_keep_bits(range.dst, range_chunk_bits(group[0], group[1], skip));
+      continue;
+    }
+    for (int64_t j = 0; j < range.count; j += 64) {
+      u32x8 group_j, group_j1;
+      std::memcpy(&group_j, bits + range.stream + j / 8, sizeof group_j);
+      std::memcpy(&group_j1, bits + range.stream + j / 8 + 1, sizeof group_j1);
+      spread_keep_bytes(range.dst + j, range_chunk_bits(group_j, group_j1, skip));
+    }
   }
 }
 

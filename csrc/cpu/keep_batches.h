@@ -22,12 +22,13 @@ namespace fastdropout {
 // csrc/cpu/keep_avx2.cpp: eight groups per call, AVX2.
 void keep_bytes_avx2(uint8_t* keep, uint64_t seed, uint64_t offset, int64_t group, int64_t count,
                      uint32_t threshold);
-// KeepRangeWriter's draws (keep_ranges.h): the queued groups of ranges, 8 to a vector, into
-// bytes; then the ranges' keep bytes in place, their queued groups' bytes copied from `queued`.
-void keep_queued_avx2(const cpu::KeepRange* ranges, int64_t count, uint8_t* bytes, uint64_t seed,
-                      uint64_t offset, uint32_t threshold);
-void keep_ranges_avx2(const cpu::KeepRange* ranges, int64_t count, const uint8_t* queued,
-                      uint64_t seed, uint64_t offset, uint32_t threshold);
+// KeepRangeWriter's draws (keep_ranges.h): the group indices of its stream, then its places
+// [from, to) drawn and the ranges' keep bytes written from them.
+void keep_stream_index_avx2(const cpu::KeepRange* ranges, int64_t count, uint32_t* lo,
+                            uint32_t* hi);
+void keep_stream_ranges_avx2(const cpu::KeepRange* ranges, int64_t count, const uint32_t* lo,
+                             const uint32_t* hi, uint32_t* bits, int64_t from, int64_t to,
+                             uint64_t seed, uint64_t offset, uint32_t threshold);
 #endif
 
 namespace cpu {
@@ -49,11 +50,6 @@ inline bool use_avx2() {
   return enabled;
 }
 #endif
-
-// keep[j] = bit j of one group's keep bits (the scalar path of the fills below).
-inline void spread_keep_bits(uint8_t* keep, uint32_t bits) {
-  for (int j = 0; j < kElementsPerPhilox; ++j) keep[j] = static_cast<uint8_t>((bits >> j) & 1u);
-}
 
 // Keep bytes of mask indices [group * 8, group * 8 + count * 8).
 inline void fill_keep_bytes(uint8_t* keep, RngPair rng, int64_t group, int64_t count,
@@ -128,68 +124,71 @@ void for_run_pieces(const RunMap& map, int64_t begin, int64_t end, Piece&& piece
   }
 }
 
+// The most keep bytes, and ranges, a KeepRangeWriter holds between flushes
+// (for_shard_keep_batches' batches, sharded_channels' buffers).
+constexpr int64_t kShardBatchElements = 2048;
+
 // Writes the keep bytes of ranges of mask indices where the caller wants them: after put(dst,
 // first, count) and the next flush(), dst[k] is the keep byte of mask index first + k, k < count.
-// A flush draws the ranges put since the last one together (keep_ranges.h): their whole blocks
-// of 8 groups straight into place, their other groups 8 to a vector whichever ranges they come
-// from. So short ranges (a shard's runs of a few hundred elements, a few channels) cost neither
-// a call of their own nor a scalar Philox call each, and a range of 8 groups or more no copy of
-// its bytes but those of its last few groups. Ranges are put in order of dst, none overlapping;
-// the 8 bytes before each and the 8 after must be addressable, and initialised (they are saved
-// and put back around a block draw).
+// A flush draws the groups of the ranges put since the last one as one stream (keep_ranges.h),
+// 8 to a vector whichever ranges they come from, so short ranges (a shard's runs of a few hundred
+// elements, a few channels) cost neither a call of their own nor an idle lane, and every group
+// is drawn once. Ranges are put in order of dst; a range's bytes are written 8 at a time, so the
+// bytes between ranges and the 64 after the last may be overwritten (they must be addressable;
+// the callers' ranges follow one another). Between flushes: at most kMaxRanges ranges of
+// kShardBatchElements bytes in all.
 class KeepRangeWriter {
  public:
   static constexpr int kMaxRanges = 64;
+  // Bytes past the last range that a flush may overwrite.
+  static constexpr int64_t kSlackBytes = 64;
 
-  KeepRangeWriter(RngPair rng, uint32_t threshold)
-      : rng_(rng), threshold_(threshold), blocks_(with_blocks()) {}
+  KeepRangeWriter(RngPair rng, uint32_t threshold) : rng_(rng), threshold_(threshold) {}
 
   bool full() const { return size_ == kMaxRanges; }
 
   void put(uint8_t* dst, int64_t first, int64_t count) {
     if (count <= 0) return;
-    if (full()) flush();
-    ranges_[size_++] = make_keep_range(dst, first, count, blocks_);
+    const int64_t groups = range_groups(first, count);
+    TORCH_INTERNAL_ASSERT(size_ < kMaxRanges && stream_ + groups <= kMaxStream,
+                          "KeepRangeWriter: more ranges or bytes than it holds");
+    ranges_[size_++] = KeepRange{dst, first, count, stream_};
+    stream_ += groups;
   }
 
   // Draws the ranges put since the last flush, and calls done(begin, end) after those of each
   // part of at least `part` bytes (the last part: what is left), begin .. end - 1 being the
-  // bytes of the part's ranges (and any gaps between them). Their queued groups are drawn first,
-  // all together; then each part's blocks, just before done(): so that the element loops of a
-  // shard, called by done(), alternate with the Philox calls in parts as short as unsharded
-  // (kBatchElements), while the queued groups of a whole batch still fill the 8 lanes.
+  // bytes of the part's ranges (and any gaps between them). Each part's groups are drawn just
+  // before its done(), so that the element loops of a shard, called by done(), alternate with
+  // the Philox calls in parts as short as unsharded (kBatchElements).
   template <typename Done>
   void flush(int64_t part, Done&& done) {
     if (size_ == 0) return;
 #if defined(__x86_64__) && defined(__GNUC__)
-    if (blocks_) {
-      uint8_t queued_bytes[(kMaxQueued + 7) * kElementsPerPhilox];
-      if (queued_groups(0, size_) > 0) {
-        keep_queued_avx2(ranges_, size_, queued_bytes, rng_.seed, rng_.offset, threshold_);
-      }
-      int64_t queued = 0;  // of the ranges before `begin`: the part's first is queued_bytes[8q]
-      for (int begin = 0; begin < size_;) {
-        int end = begin + 1;
-        while (end < size_ && bytes_between(begin, end) < part) ++end;
-        keep_ranges_avx2(ranges_ + begin, end - begin, queued_bytes + queued * kElementsPerPhilox,
-                         rng_.seed, rng_.offset, threshold_);
-        done(ranges_[begin].dst, ranges_[begin].dst + bytes_between(begin, end));
-        queued += queued_groups(begin, end);
-        begin = end;
-      }
-      size_ = 0;
-      return;
-    }
+    const bool vectors = use_avx2();
+    if (vectors) keep_stream_index_avx2(ranges_, size_, lo_, hi_);
+#else
+    constexpr bool vectors = false;
 #endif
-    for (int i = 0; i < size_; ++i) {  // the scalar path: every group on its own
-      for_queued_groups(ranges_[i], [&](uint64_t group, uint8_t* dst, int64_t lo, int64_t n) {
-        uint8_t bytes[kElementsPerPhilox];
-        spread_keep_bits(bytes, keep_bits8(rng_.seed, rng_.offset, group, threshold_));
-        copy_up_to_8(dst, bytes + lo, n);
-      });
+    int64_t drawn = 0;  // stream places drawn so far
+    for (int begin = 0; begin < size_;) {
+      int end = begin + 1;
+      while (end < size_ && bytes_between(begin, end) < part) ++end;
+#if defined(__x86_64__) && defined(__GNUC__)
+      if (vectors) {
+        const KeepRange& last = ranges_[end - 1];
+        const int64_t to = ceil_div(last.stream + range_groups(last.first, last.count), 8) * 8;
+        keep_stream_ranges_avx2(ranges_ + begin, end - begin, lo_, hi_, bits_, drawn,
+                                std::max(drawn, to), rng_.seed, rng_.offset, threshold_);
+        drawn = std::max(drawn, to);
+      }
+#endif
+      if (!vectors) write_ranges_scalar(begin, end);
+      done(ranges_[begin].dst, ranges_[begin].dst + bytes_between(begin, end));
+      begin = end;
     }
-    done(ranges_[0].dst, ranges_[0].dst + bytes_between(0, size_));
     size_ = 0;
+    stream_ = 0;
   }
 
   void flush() {
@@ -197,35 +196,47 @@ class KeepRangeWriter {
   }
 
  private:
-  // A range queues at most 7 groups (3 when it has a block).
-  static constexpr int kMaxQueued = kMaxRanges * 7;
-
-  // The groups ranges [begin, end) queue.
-  int64_t queued_groups(int begin, int end) const {
-    int64_t groups = 0;
-    for (int i = begin; i < end; ++i) groups += ranges_[i].groups - ranges_[i].in_place;
-    return groups;
-  }
+  // Every range touches at most count / 8 + 2 groups.
+  static constexpr int64_t kMaxStream = kShardBatchElements / kElementsPerPhilox + 2 * kMaxRanges;
 
   // From the first byte of range `begin` to the end of range end - 1.
   int64_t bytes_between(int begin, int end) const {
     return ranges_[end - 1].dst + ranges_[end - 1].count - ranges_[begin].dst;
   }
 
-  // The AVX2 path (keep_avx2.cpp) draws blocks of 8 groups; the scalar one, groups.
-  static bool with_blocks() {
-#if defined(__x86_64__) && defined(__GNUC__)
-    return use_avx2();
-#else
-    return false;
-#endif
+  // The scalar path: the groups of ranges [begin, end), one Philox call each, then their bytes 8
+  // at a time, as keep_stream_ranges_avx2.
+  void write_ranges_scalar(int begin, int end) {
+    for (int i = begin; i < end; ++i) {
+      const KeepRange& range = ranges_[i];
+      const uint64_t first = range_first_group(range);
+      const int64_t groups = range_groups(range.first, range.count);
+      for (int64_t g = 0; g < groups; ++g) {
+        bits_[range.stream + g] =
+            keep_bits8(rng_.seed, rng_.offset, first + static_cast<uint64_t>(g), threshold_);
+      }
+    }
+    for (int i = begin; i < end; ++i) {
+      const KeepRange& range = ranges_[i];
+      const uint32_t skip = static_cast<uint32_t>(range_skip(range));
+      for (int64_t j = 0; j < range.count; j += kElementsPerPhilox) {
+        const uint32_t* group = bits_ + range.stream + j / kElementsPerPhilox;
+        spread_keep_bits(range.dst + j, range_chunk_bits(group[0], group[1], skip));
+      }
+    }
   }
 
   RngPair rng_;
   uint32_t threshold_;
-  bool blocks_;
   KeepRange ranges_[kMaxRanges];
   int size_ = 0;
+  int64_t stream_ = 0;  // the places the ranges hold
+  // The stream: group indices (the AVX2 path) and keep bits, 8 places to spare past the last
+  // vector for the writes past a range and the reads of its group j + 1; zeroed, so that no
+  // place is read before it is written.
+  alignas(32) uint32_t lo_[kMaxStream + 16] = {};
+  alignas(32) uint32_t hi_[kMaxStream + 16] = {};
+  alignas(32) uint32_t bits_[kMaxStream + 16] = {};
 };
 
 // The keep bytes of the local elements [begin, end) of a shard whose runs are shorter than
@@ -240,13 +251,11 @@ class KeepRangeWriter {
 // as unsharded: drawn whole before one element loop, batches of 2048 made bias_dropout_add on
 // runs of 256 from multiples of 8 10% slower than unsharded, against 4% (one thread, 2^22 fp32,
 // this project's 2-core VM).
-constexpr int64_t kShardBatchElements = 2048;
 
 template <typename Body>
 void for_shard_keep_batches(RngPair rng, uint32_t threshold, const RunMap& map, int64_t begin,
                             int64_t end, Body&& body) {
-  uint8_t storage[kElementsPerPhilox + kShardBatchElements + kElementsPerPhilox] = {};
-  uint8_t* const keep = storage + kElementsPerPhilox;
+  uint8_t keep[kShardBatchElements + KeepRangeWriter::kSlackBytes];
   KeepRangeWriter writer(rng, threshold);
   int64_t filled = 0;
   auto finish_batch = [&] {
