@@ -39,6 +39,33 @@ using BiasDropoutAddSig = std::tuple<Tensor, Tensor>(const Tensor&, const std::o
                                                      const Tensor&, double, std::optional<int64_t>,
                                                      int64_t, std::optional<at::Generator>);
 using BiasDropoutAddBackwardSig = std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, double);
+// The sharded ops (sharded_ops.cpp): the same, with a DTensor shard's map after p.
+using ShardedDropoutSig = std::tuple<Tensor, Tensor>(const Tensor&, double, int64_t,
+                                                     at::IntArrayRef, at::IntArrayRef, int64_t,
+                                                     std::optional<int64_t>, int64_t,
+                                                     std::optional<at::Generator>, int64_t);
+using ShardedDropoutBackwardSig = Tensor(const Tensor&, const Tensor&, double, int64_t,
+                                         at::IntArrayRef, at::IntArrayRef, int64_t, int64_t);
+using ShardedBiasDropoutAddSig = std::tuple<Tensor, Tensor>(
+    const Tensor&, const std::optional<Tensor>&, const Tensor&, double, int64_t, at::IntArrayRef,
+    at::IntArrayRef, int64_t, std::optional<int64_t>, int64_t, std::optional<at::Generator>);
+using ShardedBiasDropoutAddBackwardSig = std::tuple<Tensor, Tensor>(
+    const Tensor&, const Tensor&, double, int64_t, at::IntArrayRef, at::IntArrayRef, int64_t);
+
+// A shard's map as the sharded ops take it (run_length, run_counts, run_strides, run_base), kept
+// by a Node; absent for the unsharded ops. The backward of a sharded op is the sharded pass with
+// the same map, so every shard replays its slice of the unsharded mask.
+struct ShardMap {
+  int64_t run_length = 1;
+  std::vector<int64_t> counts, strides;
+  int64_t base = 0;
+};
+using OptionalShardMap = std::optional<ShardMap>;
+
+ShardMap shard_map(int64_t run_length, at::IntArrayRef counts, at::IntArrayRef strides,
+                   int64_t base) {
+  return ShardMap{run_length, counts.vec(), strides.vec(), base};
+}
 
 template <typename Sig>
 c10::TypedOperatorHandle<Sig> op_handle(const char* name) {
@@ -48,13 +75,25 @@ c10::TypedOperatorHandle<Sig> op_handle(const char* name) {
 // Through the dispatcher from the top, so that a backward or a tangent computed here is itself
 // differentiable (double backward, hessian) and seen by every transform layer.
 Tensor call_dropout_backward(const Tensor& grad, const Tensor& rng_state, double p,
-                             int64_t channel_numel) {
+                             int64_t channel_numel, const OptionalShardMap& map) {
+  if (map) {
+    static const auto op =
+        op_handle<ShardedDropoutBackwardSig>("fastdropout::sharded_dropout_backward");
+    return op.call(grad, rng_state, p, map->run_length, map->counts, map->strides, map->base,
+                   channel_numel);
+  }
   static const auto op = op_handle<DropoutBackwardSig>("fastdropout::dropout_backward");
   return op.call(grad, rng_state, p, channel_numel);
 }
 
 std::tuple<Tensor, Tensor> call_bias_dropout_add_backward(const Tensor& grad,
-                                                          const Tensor& rng_state, double p) {
+                                                          const Tensor& rng_state, double p,
+                                                          const OptionalShardMap& map) {
+  if (map) {
+    static const auto op = op_handle<ShardedBiasDropoutAddBackwardSig>(
+        "fastdropout::sharded_bias_dropout_add_backward");
+    return op.call(grad, rng_state, p, map->run_length, map->counts, map->strides, map->base);
+  }
   static const auto op =
       op_handle<BiasDropoutAddBackwardSig>("fastdropout::bias_dropout_add_backward");
   return op.call(grad, rng_state, p);
@@ -72,6 +111,7 @@ struct ReplayMaskBackward : public torch::autograd::TraceableFunction {
   SavedVariable rng_state_;
   double p = 0.0;
   int64_t channel_numel = 1;
+  OptionalShardMap map;
 
   std::string name() const override { return "fastdropout::ReplayMaskBackward"; }
   void release_variables() override {
@@ -81,33 +121,48 @@ struct ReplayMaskBackward : public torch::autograd::TraceableFunction {
   variable_list apply(variable_list&& grads) override {
     variable_list out(1);
     if (grads[0].defined() && task_should_compute_output(0)) {
-      out[0] = call_dropout_backward(grads[0], rng_state_.unpack(), p, channel_numel);
+      out[0] = call_dropout_backward(grads[0], rng_state_.unpack(), p, channel_numel, map);
     }
     return out;
   }
 };
 
 c10::intrusive_ptr<ReplayMaskBackward> replay_node(const Tensor& input, double p,
-                                                   int64_t channel_numel) {
+                                                   int64_t channel_numel,
+                                                   const OptionalShardMap& map) {
   auto node = c10::make_intrusive<ReplayMaskBackward>();
   node->set_next_edges(torch::autograd::collect_next_edges(input));
   node->p = p;
   node->channel_numel = channel_numel;
+  node->map = map;
   return node;
 }
 
-// An out-of-place pass over one input (dropout, dropout_backward): its backward and its
-// forward-mode tangent are the same mask replayed over the incoming gradient or tangent.
-void attach_replay(Tensor& out, const Tensor& input, const Tensor& input_tangent,
-                   bool requires_grad, const Tensor& rng_state, double p, int64_t channel_numel) {
+// An out-of-place pass over one input (dropout, dropout_backward, and their sharded forms):
+// `redispatch` runs it below autograd and returns (its output, the rng state it used); its
+// backward and its forward-mode tangent are the same mask replayed over the incoming gradient
+// or tangent.
+template <typename Redispatch>
+std::pair<Tensor, Tensor> replay_autograd(const Tensor& input, double p, int64_t channel_numel,
+                                          const OptionalShardMap& map, Redispatch&& redispatch) {
+  const bool requires_grad = torch::autograd::compute_requires_grad(input);
+  const Tensor input_tangent = tangent_of(input);
+  std::pair<Tensor, Tensor> result;
+  {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    result = redispatch();
+  }
+  auto& [out, rng_state] = result;
   if (requires_grad) {
-    auto node = replay_node(input, p, channel_numel);
+    auto node = replay_node(input, p, channel_numel, map);
     node->rng_state_ = SavedVariable(rng_state, /*is_output=*/false);
     torch::autograd::set_history(out, node);
   }
   if (input_tangent.defined()) {
-    out._set_fw_grad(call_dropout_backward(input_tangent, rng_state, p, channel_numel), 0, false);
+    out._set_fw_grad(call_dropout_backward(input_tangent, rng_state, p, channel_numel, map), 0,
+                     false);
   }
+  return result;  // with neither grad nor tangent: no Node, nothing saved
 }
 
 std::tuple<Tensor, Tensor> dropout_autograd(c10::DispatchKeySet ks, const Tensor& x, double p,
@@ -115,18 +170,28 @@ std::tuple<Tensor, Tensor> dropout_autograd(c10::DispatchKeySet ks, const Tensor
                                             std::optional<at::Generator> generator,
                                             int64_t channel_numel) {
   static const auto op = op_handle<DropoutSig>("fastdropout::dropout");
-  const bool requires_grad = torch::autograd::compute_requires_grad(x);
-  const Tensor x_tangent = tangent_of(x);
-  std::tuple<Tensor, Tensor> result;
-  {
-    at::AutoDispatchBelowADInplaceOrView guard;
-    result = op.redispatch(ks & c10::after_ADInplaceOrView_keyset, x, p, seed, offset,
+  auto [out, rng_state] = replay_autograd(x, p, channel_numel, std::nullopt, [&] {
+    auto r = op.redispatch(ks & c10::after_ADInplaceOrView_keyset, x, p, seed, offset,
                            std::move(generator), channel_numel);
-  }
-  if (!requires_grad && !x_tangent.defined()) return result;  // no Node, nothing saved
-  attach_replay(std::get<0>(result), x, x_tangent, requires_grad, std::get<1>(result), p,
-                channel_numel);
-  return result;
+    return std::make_pair(std::get<0>(r), std::get<1>(r));
+  });
+  return {out, rng_state};
+}
+
+std::tuple<Tensor, Tensor> sharded_dropout_autograd(
+    c10::DispatchKeySet ks, const Tensor& x, double p, int64_t run_length,
+    at::IntArrayRef run_counts, at::IntArrayRef run_strides, int64_t run_base,
+    std::optional<int64_t> seed, int64_t offset, std::optional<at::Generator> generator,
+    int64_t channel_numel) {
+  static const auto op = op_handle<ShardedDropoutSig>("fastdropout::sharded_dropout");
+  auto [out, rng_state] = replay_autograd(
+      x, p, channel_numel, shard_map(run_length, run_counts, run_strides, run_base), [&] {
+        auto r = op.redispatch(ks & c10::after_ADInplaceOrView_keyset, x, p, run_length,
+                               run_counts, run_strides, run_base, seed, offset,
+                               std::move(generator), channel_numel);
+        return std::make_pair(std::get<0>(r), std::get<1>(r));
+      });
+  return {out, rng_state};
 }
 
 // In place: x is overwritten, its version bumped and its history rebased (through a view's
@@ -143,7 +208,7 @@ Tensor dropout_inplace_autograd(c10::DispatchKeySet ks, Tensor& x, double p,
   // The Node takes x's gradient edge before x changes: after the version bump, reading a
   // view's grad_fn would regenerate it from its base's old history.
   c10::intrusive_ptr<ReplayMaskBackward> node;
-  if (requires_grad) node = replay_node(x, p, channel_numel);
+  if (requires_grad) node = replay_node(x, p, channel_numel, std::nullopt);
   Tensor rng_state;
   {
     at::AutoDispatchBelowADInplaceOrView guard;
@@ -158,7 +223,7 @@ Tensor dropout_inplace_autograd(c10::DispatchKeySet ks, Tensor& x, double p,
   if (x_tangent.defined()) {
     // The tangent is x's own (or a view of its base's): it must change in place.
     Tensor t = x_tangent;
-    t.copy_(call_dropout_backward(x_tangent, rng_state, p, channel_numel));
+    t.copy_(call_dropout_backward(x_tangent, rng_state, p, channel_numel, std::nullopt));
   }
   return rng_state;
 }
@@ -166,18 +231,28 @@ Tensor dropout_inplace_autograd(c10::DispatchKeySet ks, Tensor& x, double p,
 Tensor dropout_backward_autograd(c10::DispatchKeySet ks, const Tensor& grad,
                                  const Tensor& rng_state, double p, int64_t channel_numel) {
   static const auto op = op_handle<DropoutBackwardSig>("fastdropout::dropout_backward");
-  const bool requires_grad = torch::autograd::compute_requires_grad(grad);
-  const Tensor grad_tangent = tangent_of(grad);
-  Tensor out;
-  {
-    at::AutoDispatchBelowADInplaceOrView guard;
-    out = op.redispatch(ks & c10::after_ADInplaceOrView_keyset, grad, rng_state, p,
-                        channel_numel);
-  }
-  if (requires_grad || grad_tangent.defined()) {
-    attach_replay(out, grad, grad_tangent, requires_grad, rng_state, p, channel_numel);
-  }
-  return out;
+  return replay_autograd(grad, p, channel_numel, std::nullopt, [&] {
+           return std::make_pair(op.redispatch(ks & c10::after_ADInplaceOrView_keyset, grad,
+                                               rng_state, p, channel_numel),
+                                 rng_state);
+         }).first;
+}
+
+Tensor sharded_dropout_backward_autograd(c10::DispatchKeySet ks, const Tensor& grad,
+                                         const Tensor& rng_state, double p, int64_t run_length,
+                                         at::IntArrayRef run_counts, at::IntArrayRef run_strides,
+                                         int64_t run_base, int64_t channel_numel) {
+  static const auto op =
+      op_handle<ShardedDropoutBackwardSig>("fastdropout::sharded_dropout_backward");
+  return replay_autograd(
+             grad, p, channel_numel, shard_map(run_length, run_counts, run_strides, run_base),
+             [&] {
+               return std::make_pair(
+                   op.redispatch(ks & c10::after_ADInplaceOrView_keyset, grad, rng_state, p,
+                                 run_length, run_counts, run_strides, run_base, channel_numel),
+                   rng_state);
+             })
+      .first;
 }
 
 // residual + dropout(x + bias): edges to x, bias (may be absent) and residual.
@@ -185,6 +260,7 @@ struct BiasDropoutAddBackwardNode : public torch::autograd::TraceableFunction {
   SavedVariable rng_state_;
   double p = 0.0;
   bool has_bias = false;
+  OptionalShardMap map;
 
   std::string name() const override { return "fastdropout::BiasDropoutAddBackward"; }
   void release_variables() override {
@@ -200,10 +276,10 @@ struct BiasDropoutAddBackwardNode : public torch::autograd::TraceableFunction {
     const bool need_bias = has_bias && task_should_compute_output(1);
     if (need_bias) {
       // One pass: grad_x and the column sums of grad_x.
-      std::tie(out[0], out[1]) = call_bias_dropout_add_backward(grad, rng_state, p);
+      std::tie(out[0], out[1]) = call_bias_dropout_add_backward(grad, rng_state, p, map);
       if (!need_x) out[0] = Tensor();
     } else if (need_x) {
-      out[0] = call_dropout_backward(grad, rng_state, p, 1);
+      out[0] = call_dropout_backward(grad, rng_state, p, 1, map);
     }
     // d out / d residual is the identity: the incoming gradient itself, not a copy.
     if (task_should_compute_output(2)) out[2] = grad;
@@ -211,12 +287,13 @@ struct BiasDropoutAddBackwardNode : public torch::autograd::TraceableFunction {
   }
 };
 
-std::tuple<Tensor, Tensor> bias_dropout_add_autograd(c10::DispatchKeySet ks, const Tensor& x,
-                                                     const std::optional<Tensor>& bias,
-                                                     const Tensor& residual, double p,
-                                                     std::optional<int64_t> seed, int64_t offset,
-                                                     std::optional<at::Generator> generator) {
-  static const auto op = op_handle<BiasDropoutAddSig>("fastdropout::bias_dropout_add");
+// bias_dropout_add and its sharded form: `redispatch` runs the op below autograd.
+template <typename Redispatch>
+std::tuple<Tensor, Tensor> bias_dropout_add_graph(const Tensor& x,
+                                                  const std::optional<Tensor>& bias,
+                                                  const Tensor& residual, double p,
+                                                  const OptionalShardMap& map,
+                                                  Redispatch&& redispatch) {
   const bool requires_grad = torch::autograd::compute_requires_grad(x, bias, residual);
   const Tensor x_tangent = tangent_of(x);
   const Tensor bias_tangent = tangent_of(bias);
@@ -224,8 +301,7 @@ std::tuple<Tensor, Tensor> bias_dropout_add_autograd(c10::DispatchKeySet ks, con
   std::tuple<Tensor, Tensor> result;
   {
     at::AutoDispatchBelowADInplaceOrView guard;
-    result = op.redispatch(ks & c10::after_ADInplaceOrView_keyset, x, bias, residual, p, seed,
-                           offset, std::move(generator));
+    result = redispatch();
   }
   const bool has_tangent =
       x_tangent.defined() || bias_tangent.defined() || residual_tangent.defined();
@@ -236,6 +312,7 @@ std::tuple<Tensor, Tensor> bias_dropout_add_autograd(c10::DispatchKeySet ks, con
     node->set_next_edges(torch::autograd::collect_next_edges(x, bias, residual));
     node->p = p;
     node->has_bias = bias.has_value();
+    node->map = map;
     node->rng_state_ = SavedVariable(rng_state, /*is_output=*/false);
     torch::autograd::set_history(out, node);
   }
@@ -245,11 +322,38 @@ std::tuple<Tensor, Tensor> bias_dropout_add_autograd(c10::DispatchKeySet ks, con
     if (bias_tangent.defined()) {
       inner = inner.defined() ? inner + bias_tangent : bias_tangent.expand(x.sizes());
     }
-    Tensor t = inner.defined() ? call_dropout_backward(inner, rng_state, p, 1) : Tensor();
+    Tensor t = inner.defined() ? call_dropout_backward(inner, rng_state, p, 1, map) : Tensor();
     if (residual_tangent.defined()) t = t.defined() ? t + residual_tangent : residual_tangent;
     out._set_fw_grad(t, 0, false);
   }
   return result;
+}
+
+std::tuple<Tensor, Tensor> bias_dropout_add_autograd(c10::DispatchKeySet ks, const Tensor& x,
+                                                     const std::optional<Tensor>& bias,
+                                                     const Tensor& residual, double p,
+                                                     std::optional<int64_t> seed, int64_t offset,
+                                                     std::optional<at::Generator> generator) {
+  static const auto op = op_handle<BiasDropoutAddSig>("fastdropout::bias_dropout_add");
+  return bias_dropout_add_graph(x, bias, residual, p, std::nullopt, [&] {
+    return op.redispatch(ks & c10::after_ADInplaceOrView_keyset, x, bias, residual, p, seed,
+                         offset, std::move(generator));
+  });
+}
+
+std::tuple<Tensor, Tensor> sharded_bias_dropout_add_autograd(
+    c10::DispatchKeySet ks, const Tensor& x, const std::optional<Tensor>& bias,
+    const Tensor& residual, double p, int64_t run_length, at::IntArrayRef run_counts,
+    at::IntArrayRef run_strides, int64_t run_base, std::optional<int64_t> seed, int64_t offset,
+    std::optional<at::Generator> generator) {
+  static const auto op =
+      op_handle<ShardedBiasDropoutAddSig>("fastdropout::sharded_bias_dropout_add");
+  return bias_dropout_add_graph(
+      x, bias, residual, p, shard_map(run_length, run_counts, run_strides, run_base), [&] {
+        return op.redispatch(ks & c10::after_ADInplaceOrView_keyset, x, bias, residual, p,
+                             run_length, run_counts, run_strides, run_base, seed, offset,
+                             std::move(generator));
+      });
 }
 
 // Double backward of bias_dropout_add: grad_x and grad_bias are both keep * scale * grad (the
@@ -259,6 +363,7 @@ struct BiasDropoutAddBackwardBackward : public torch::autograd::TraceableFunctio
   SavedVariable rng_state_;
   double p = 0.0;
   std::vector<int64_t> sizes;
+  OptionalShardMap map;
 
   std::string name() const override { return "fastdropout::BiasDropoutAddBackwardBackward"; }
   void release_variables() override {
@@ -276,23 +381,24 @@ struct BiasDropoutAddBackwardBackward : public torch::autograd::TraceableFunctio
     }
     variable_list out(1);
     if (total.defined() && task_should_compute_output(0)) {
-      out[0] = call_dropout_backward(total, rng_state_.unpack(), p, 1);
+      out[0] = call_dropout_backward(total, rng_state_.unpack(), p, 1, map);
     }
     return out;
   }
 };
 
-std::tuple<Tensor, Tensor> bias_dropout_add_backward_autograd(c10::DispatchKeySet ks,
-                                                              const Tensor& grad,
-                                                              const Tensor& rng_state, double p) {
-  static const auto op =
-      op_handle<BiasDropoutAddBackwardSig>("fastdropout::bias_dropout_add_backward");
+// bias_dropout_add_backward and its sharded form: `redispatch` runs the op below autograd.
+template <typename Redispatch>
+std::tuple<Tensor, Tensor> bias_dropout_add_backward_graph(const Tensor& grad,
+                                                           const Tensor& rng_state, double p,
+                                                           const OptionalShardMap& map,
+                                                           Redispatch&& redispatch) {
   const bool requires_grad = torch::autograd::compute_requires_grad(grad);
   const Tensor grad_tangent = tangent_of(grad);
   std::tuple<Tensor, Tensor> result;
   {
     at::AutoDispatchBelowADInplaceOrView guard;
-    result = op.redispatch(ks & c10::after_ADInplaceOrView_keyset, grad, rng_state, p);
+    result = redispatch();
   }
   auto& [grad_x, grad_bias] = result;
   if (requires_grad) {
@@ -300,15 +406,39 @@ std::tuple<Tensor, Tensor> bias_dropout_add_backward_autograd(c10::DispatchKeySe
     node->set_next_edges(torch::autograd::collect_next_edges(grad));
     node->p = p;
     node->sizes = grad.sizes().vec();
+    node->map = map;
     node->rng_state_ = SavedVariable(rng_state, /*is_output=*/false);
     torch::autograd::set_history(std::vector<Tensor>{grad_x, grad_bias}, node);
   }
   if (grad_tangent.defined()) {
-    auto [tx, tb] = call_bias_dropout_add_backward(grad_tangent, rng_state, p);
+    auto [tx, tb] = call_bias_dropout_add_backward(grad_tangent, rng_state, p, map);
     grad_x._set_fw_grad(tx, 0, false);
     grad_bias._set_fw_grad(tb, 0, false);
   }
   return result;
+}
+
+std::tuple<Tensor, Tensor> bias_dropout_add_backward_autograd(c10::DispatchKeySet ks,
+                                                              const Tensor& grad,
+                                                              const Tensor& rng_state, double p) {
+  static const auto op =
+      op_handle<BiasDropoutAddBackwardSig>("fastdropout::bias_dropout_add_backward");
+  return bias_dropout_add_backward_graph(grad, rng_state, p, std::nullopt, [&] {
+    return op.redispatch(ks & c10::after_ADInplaceOrView_keyset, grad, rng_state, p);
+  });
+}
+
+std::tuple<Tensor, Tensor> sharded_bias_dropout_add_backward_autograd(
+    c10::DispatchKeySet ks, const Tensor& grad, const Tensor& rng_state, double p,
+    int64_t run_length, at::IntArrayRef run_counts, at::IntArrayRef run_strides,
+    int64_t run_base) {
+  static const auto op = op_handle<ShardedBiasDropoutAddBackwardSig>(
+      "fastdropout::sharded_bias_dropout_add_backward");
+  return bias_dropout_add_backward_graph(
+      grad, rng_state, p, shard_map(run_length, run_counts, run_strides, run_base), [&] {
+        return op.redispatch(ks & c10::after_ADInplaceOrView_keyset, grad, rng_state, p,
+                             run_length, run_counts, run_strides, run_base);
+      });
 }
 
 }  // namespace
@@ -319,6 +449,12 @@ TORCH_LIBRARY_IMPL(fastdropout, Autograd, m) {
   m.impl("dropout_backward", &dropout_backward_autograd);
   m.impl("bias_dropout_add", &bias_dropout_add_autograd);
   m.impl("bias_dropout_add_backward", &bias_dropout_add_backward_autograd);
+  // The sharded ops (DTensor shards, sharded_ops.cpp). sharded_dropout_ has none: DTensor calls
+  // reach it below the autograd of the unsharded dropout_ (fastdropout/dtensor.py).
+  m.impl("sharded_dropout", &sharded_dropout_autograd);
+  m.impl("sharded_dropout_backward", &sharded_dropout_backward_autograd);
+  m.impl("sharded_bias_dropout_add", &sharded_bias_dropout_add_autograd);
+  m.impl("sharded_bias_dropout_add_backward", &sharded_bias_dropout_add_backward_autograd);
 }
 
 }  // namespace fastdropout

@@ -13,9 +13,10 @@
 //
 // (seed, offset) are taken exactly as by fastdropout::dropout (an explicit seed, or one draw
 // from the generator: the same draw on every rank whose generator is in the same state), so a
-// shard's result is its slice of what dropout() gives for the whole tensor. Their autograd and
-// fake kernels are registered in Python (fastdropout/dtensor.py); within a DTensor call they
-// run below the unsharded operators' own autograd.
+// shard's result is its slice of what dropout() gives for the whole tensor. Their autograd is
+// the unsharded operators' (csrc/autograd.cpp, the Node keeping the map), their fake kernels are
+// registered in Python (fastdropout/dtensor.py); within a DTensor call they run below the
+// unsharded operators' own autograd.
 #include <ATen/ATen.h>
 #include <c10/util/safe_numerics.h>
 #include <torch/library.h>

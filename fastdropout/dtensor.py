@@ -320,58 +320,6 @@ def _sharded_bias_dropout_add_backward_fake(grad, rng_state, p, run_length, run_
     return _fakes._bias_dropout_add_backward_fake(grad, rng_state, p)
 
 
-def _setup_sharded(ctx, inputs, output) -> None:
-    ctx.map_args = inputs[1:6]  # p, run_length, run_counts, run_strides, run_base
-    ctx.channel_numel = inputs[-1]
-    ctx.save_for_backward(output[1])
-
-
-def _sharded_grad(ctx, grad, _grad_rng_state):
-    (rng_state,) = ctx.saved_tensors
-    g = ops.sharded_dropout_backward(grad, rng_state, *ctx.map_args, ctx.channel_numel)
-    return (g,) + (None,) * 9
-
-
-def _setup_sharded_backward(ctx, inputs, output) -> None:
-    ctx.map_args = inputs[2:7]
-    ctx.channel_numel = inputs[7]
-    ctx.save_for_backward(inputs[1])
-
-
-def _sharded_backward_grad(ctx, grad):
-    (rng_state,) = ctx.saved_tensors
-    g = ops.sharded_dropout_backward(grad, rng_state, *ctx.map_args, ctx.channel_numel)
-    return (g,) + (None,) * 7
-
-
-def _setup_sharded_bias_dropout_add(ctx, inputs, output) -> None:
-    ctx.p = inputs[3]
-    ctx.map_args = inputs[4:8]  # run_length, run_counts, run_strides, run_base
-    ctx.has_bias = inputs[1] is not None
-    ctx.save_for_backward(output[1])
-
-
-def _sharded_bias_dropout_add_grad(ctx, grad, _grad_rng_state):
-    (rng_state,) = ctx.saved_tensors
-    grad_x, grad_bias = ops.sharded_bias_dropout_add_backward(grad, rng_state, ctx.p,
-                                                              *ctx.map_args)
-    return (grad_x, grad_bias if ctx.has_bias else None, grad) + (None,) * 8
-
-
-def _setup_sharded_bias_dropout_add_backward(ctx, inputs, output) -> None:
-    ctx.p = inputs[2]
-    ctx.map_args = inputs[3:7]
-    ctx.save_for_backward(inputs[1])
-
-
-def _sharded_bias_dropout_add_backward_grad(ctx, grad_grad_x, grad_grad_bias):
-    # grad_x = mask(grad) and grad_bias = column sums of grad_x: both linear in grad, so the
-    # gradient with respect to grad is mask(grad_grad_x + grad_grad_bias broadcast over rows).
-    (rng_state,) = ctx.saved_tensors
-    g = grad_grad_x + grad_grad_bias
-    return (ops.sharded_dropout_backward(g, rng_state, ctx.p, *ctx.map_args, 1),) + (None,) * 6
-
-
 def _register() -> None:
     torch.library.register_fake("fastdropout::sharded_dropout", _sharded_fake)
     torch.library.register_fake("fastdropout::sharded_dropout_", _sharded_inplace_fake)
@@ -380,17 +328,7 @@ def _register() -> None:
                                 _sharded_bias_dropout_add_fake)
     torch.library.register_fake("fastdropout::sharded_bias_dropout_add_backward",
                                 _sharded_bias_dropout_add_backward_fake)
-    # Linear in the input for a fixed mask: the backward (and its backward) is the same pass.
-    torch.library.register_autograd("fastdropout::sharded_dropout", _sharded_grad,
-                                    setup_context=_setup_sharded)
-    torch.library.register_autograd("fastdropout::sharded_dropout_backward",
-                                    _sharded_backward_grad, setup_context=_setup_sharded_backward)
-    torch.library.register_autograd("fastdropout::sharded_bias_dropout_add",
-                                    _sharded_bias_dropout_add_grad,
-                                    setup_context=_setup_sharded_bias_dropout_add)
-    torch.library.register_autograd("fastdropout::sharded_bias_dropout_add_backward",
-                                    _sharded_bias_dropout_add_backward_grad,
-                                    setup_context=_setup_sharded_bias_dropout_add_backward)
+    # Their autograd is registered in C++ (csrc/autograd.cpp), as the unsharded ops'.
     if not AVAILABLE:
         return
     for name, rule in (("dropout", _dropout_rule), ("dropout_", _dropout_inplace_rule),

@@ -130,9 +130,11 @@ def test_mask_of_a_prefix_is_the_prefix_of_the_mask():
 
 
 # Shards whose keep bytes take the CPU's other drawing paths: short runs from starts off
-# multiples of 8 (their last groups queued and drawn 8 lanes at a time), long runs whose group
-# count leaves a remainder, and channel dropout on runs of whole channels.
-_SHARD_CASES = [((40, 100), (40, 37), (0, 5)), ((3, 3000), (3, 1500), (0, 1003)),
+# multiples of 8 (their groups drawn as one stream, 8 lanes at a time), runs of 5 (64 of them to
+# a batch of keep bytes), long runs whose group count leaves a remainder, and channel dropout on
+# runs of whole channels (drawn a span at a time).
+_SHARD_CASES = [((40, 100), (40, 37), (0, 5)), ((300, 7), (300, 5), (0, 1)),
+                ((3, 3000), (3, 1500), (0, 1003)),
                 ((40, 96), (40, 48), (0, 27))]  # the last: runs of whole channels of 3
 
 

@@ -633,12 +633,26 @@ def test_sharded_ops_opcheck():
 
 
 def test_sharded_op_autograd_and_bad_map():
-    import fastdropout.dtensor  # noqa: F401  (registers its autograd)
+    import torch.autograd.forward_ad as fwAD
+
+    import fastdropout.dtensor  # noqa: F401  (registers the fakes)
     ops = torch.ops.fastdropout
     x = torch.randn(4, 5, dtype=torch.float64, requires_grad=True)  # columns 5..9 of (4, 20)
-    out, _ = ops.sharded_dropout(x, 0.5, 5, [4], [20], 5, 3, 0, None, 1)
+    out, state = ops.sharded_dropout(x, 0.5, 5, [4], [20], 5, 3, 0, None, 1)
     out.sum().backward()
     assert torch.equal(x.grad, (out != 0).double() * 2)
+    # The C++ autograd (csrc/autograd.cpp) replays the shard's mask for tangents and for the
+    # backward of the backward too.
+    t = torch.randn(4, 5, dtype=torch.float64)
+    with fwAD.dual_level():
+        dual, _ = ops.sharded_dropout(fwAD.make_dual(x.detach(), t), 0.5, 5, [4], [20], 5, 3, 0,
+                                      None, 1)
+        assert torch.equal(fwAD.unpack_dual(dual).tangent, (out != 0).double() * 2 * t)
+    g = torch.randn(4, 5, dtype=torch.float64, requires_grad=True)
+    grad_in = ops.sharded_dropout_backward(g, state, 0.5, 5, [4], [20], 5, 1)
+    assert torch.equal(grad_in.detach(), (out != 0).double() * 2 * g.detach())
+    grad_in.sum().backward()
+    assert torch.equal(g.grad, (out != 0).double() * 2)
     with pytest.raises(RuntimeError, match="covers"):
         ops.sharded_dropout(torch.ones(4, 10), 0.5, 5, [3], [20], 5, 3, 0, None, 1)
     with pytest.raises(RuntimeError, match="at most"):
@@ -647,3 +661,28 @@ def test_sharded_op_autograd_and_bad_map():
         ops.sharded_dropout(torch.ones(4), 0.5, 1, [4], [2 ** 62], 0, 3, 0, None, 1)
     with pytest.raises(RuntimeError, match="63 bits"):
         ops.sharded_dropout(torch.ones(4), 0.5, 2 ** 40, [2 ** 40], [1], 0, 3, 0, None, 1)
+
+
+def test_sharded_ops_on_maps_out_of_global_order():
+    """The sharded ops take any map that covers the local tensor, not only the increasing ones
+    DTensor shards give: a permutation of a tensor's elements, with channel dropout on runs of a
+    few channels (the path that draws a span of channels at a time) and plain dropout, equals the
+    unsharded result at each element's global index."""
+    ops = torch.ops.fastdropout
+    run_length, counts, strides, base = 2, [3, 8, 3], [48, 2, 16], 0  # a permutation of 144
+    index = []
+    for e in range(144):
+        r, pos = divmod(e, run_length)
+        g = base + pos
+        for count, stride in zip(reversed(counts), reversed(strides)):
+            r, digit = divmod(r, count)
+            g += digit * stride
+        index.append(g)
+    index = torch.tensor(index)
+    assert torch.equal(index.sort().values, torch.arange(144))
+    full = torch.randn(144, generator=torch.Generator().manual_seed(4)) + 3
+    for channel in (1, 2, 6):
+        ref, _ = ops.dropout(full, 0.4, 9, 1, None, channel)
+        got, _ = ops.sharded_dropout(full[index], 0.4, run_length, counts, strides, base, 9, 1,
+                                     None, channel)
+        assert_bits_equal(got, ref[index], f"channels of {channel}")

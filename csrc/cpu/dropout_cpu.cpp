@@ -158,12 +158,12 @@ void dropout_channel_spans(const scalar_t* in, scalar_t* out, int64_t numel,
       int64_t local, global, count;  // channels
     } pieces[kMaxPieces];
     int size = 0;
+    int64_t span_end = 0;  // past the last channel of any queued piece
     auto apply = [&] {
       const int64_t first = pieces[0].global;
       const int64_t skip = first % kElementsPerPhilox;
-      const int64_t span = pieces[size - 1].global + pieces[size - 1].count - first;
       cpu::fill_keep_bytes(keep, rng, first / kElementsPerPhilox,
-                           ceil_div(skip + span, kElementsPerPhilox), threshold);
+                           ceil_div(skip + span_end - first, kElementsPerPhilox), threshold);
       for (int i = 0; i < size; ++i) {
         const Piece& piece = pieces[i];
         apply_channel_keep(in, out, 0, 0, numel, channel_numel, piece.local,
@@ -171,13 +171,17 @@ void dropout_channel_spans(const scalar_t* in, scalar_t* out, int64_t numel,
       }
       size = 0;
     };
-    // Pieces come in local order, which is global order; one is never longer than a run.
+    // A piece is never longer than a run (< 64 channels, draw_channel_spans). Maps from
+    // DTensor shards go up in global order; a hand-made map may not, so the span is checked
+    // against every piece's start and end.
     for_run_pieces(channel_map, begin, end, [&](int64_t local, int64_t global, int64_t count) {
       if (size > 0 && (size == kMaxPieces || global < pieces[0].global ||
-                       global + count - pieces[0].global > kSpan)) {
+                       std::max(span_end, global + count) - pieces[0].global > kSpan)) {
         apply();
       }
+      if (size == 0) span_end = 0;
       pieces[size++] = Piece{local, global, count};
+      span_end = std::max(span_end, global + count);
     });
     if (size > 0) apply();
   });

@@ -85,8 +85,8 @@ void keep_bytes_avx2(uint8_t* keep, uint64_t seed, uint64_t offset, int64_t grou
 
 // The stream's group indices (keep_ranges.h): lo[s + g], hi[s + g] = the words of group
 // first / 8 + g of the range whose stream place is s, for each of its groups; up to 7 more past
-// each range's last are written too (the next range overwrites them), so lo and hi hold 8
-// places more than the stream.
+// each range's last are written too (the next range overwrites them), so lo and hi hold at
+// least 8 places more than the stream.
 void keep_stream_index_avx2(const cpu::KeepRange* ranges, int64_t count, uint32_t* lo,
                             uint32_t* hi) {
   for (int64_t i = 0; i < count; ++i) {

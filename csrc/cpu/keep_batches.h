@@ -244,9 +244,8 @@ class KeepRangeWriter {
 // first + k, whose mask index is its global index under `map`; count is at most
 // kShardBatchElements (not kBatchElements, as unsharded). A batch is as many whole run pieces as
 // fit in kShardBatchElements (and at most KeepRangeWriter::kMaxRanges of them, which is what
-// bounds runs shorter than 32), each written in place by one KeepRangeWriter, so that
-// the groups no block draws (one per run of 256 from 8k + 3) fill the 8 lanes of their vectors.
-// Its flush draws it and calls the element loops in parts of about kBatchElements
+// bounds runs shorter than 32), each written in place by one KeepRangeWriter, so that the
+// groups of all its runs fill the 8 lanes of their vectors. Its flush draws it and calls the element loops in parts of about kBatchElements
 // (KeepRangeWriter::flush), so that they read fresh data while the next part's Philox calls run,
 // as unsharded: drawn whole before one element loop, batches of 2048 made bias_dropout_add on
 // runs of 256 from multiples of 8 10% slower than unsharded, against 4% (one thread, 2^22 fp32,
