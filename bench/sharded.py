@@ -75,8 +75,8 @@ def rows(numel: int, dtype: torch.dtype, device: str, repeats: int, op_names=Non
     same local bytes."""
     out = []
     # The control: the sharded ops handed a map of one run (the whole local tensor), whose
-    # kernels run as unsharded: what is left is the sharded ops' own overhead per call (their
-    # autograd is registered in Python, fastdropout/dtensor.py).
+    # kernels run as unsharded: what is left is the sharded ops' own overhead per call (the map's
+    # arguments and their checks, sharded_ops.cpp).
     x = torch.randn(numel, device=device).to(dtype)
     rng_state = ops.dropout(x, 0.1, 1, 0, None, 1)[1]
     one_run = (numel, [1], [numel], 0)
