@@ -67,6 +67,28 @@ ShardMap shard_map(int64_t run_length, at::IntArrayRef counts, at::IntArrayRef s
   return ShardMap{run_length, counts.vec(), strides.vec(), base};
 }
 
+// How autograd holds its Nodes changed between the torch releases we support: torch 2.11 holds
+// them in std::shared_ptr (released through deleteNode, which frees long chains without deep
+// recursion), torch 2.13 and later in c10::intrusive_ptr (Node derives from
+// c10::intrusive_ptr_target there). set_history and rebase_history take whichever the running
+// torch uses, so every Node here is made by make_node and held as a NodePtr.
+constexpr bool kNodesAreIntrusive =
+    std::is_base_of_v<c10::intrusive_ptr_target, torch::autograd::Node>;
+
+template <typename T>
+using NodePtr = std::conditional_t<kNodesAreIntrusive, c10::intrusive_ptr<T>, std::shared_ptr<T>>;
+
+template <typename T>
+NodePtr<T> make_node() {
+  if constexpr (kNodesAreIntrusive) {
+    return c10::make_intrusive<T>();
+  } else {
+    // Unqualified, so found by argument-dependent lookup when instantiated: torch releases with
+    // intrusive Nodes have no deleteNode, and this branch is never instantiated for them.
+    return std::shared_ptr<T>(new T(), [](T* node) { deleteNode(node); });
+  }
+}
+
 template <typename Sig>
 c10::TypedOperatorHandle<Sig> op_handle(const char* name) {
   return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Sig>();
@@ -127,10 +149,10 @@ struct ReplayMaskBackward : public torch::autograd::TraceableFunction {
   }
 };
 
-c10::intrusive_ptr<ReplayMaskBackward> replay_node(const Tensor& input, double p,
+NodePtr<ReplayMaskBackward> replay_node(const Tensor& input, double p,
                                                    int64_t channel_numel,
                                                    const OptionalShardMap& map) {
-  auto node = c10::make_intrusive<ReplayMaskBackward>();
+  auto node = make_node<ReplayMaskBackward>();
   node->set_next_edges(torch::autograd::collect_next_edges(input));
   node->p = p;
   node->channel_numel = channel_numel;
@@ -207,7 +229,7 @@ Tensor dropout_inplace_autograd(c10::DispatchKeySet ks, Tensor& x, double p,
   const Tensor x_tangent = tangent_of(x);
   // The Node takes x's gradient edge before x changes: after the version bump, reading a
   // view's grad_fn would regenerate it from its base's old history.
-  c10::intrusive_ptr<ReplayMaskBackward> node;
+  NodePtr<ReplayMaskBackward> node;
   if (requires_grad) node = replay_node(x, p, channel_numel, std::nullopt);
   Tensor rng_state;
   {
@@ -308,7 +330,7 @@ std::tuple<Tensor, Tensor> bias_dropout_add_graph(const Tensor& x,
   if (!requires_grad && !has_tangent) return result;  // no Node, nothing saved
   auto& [out, rng_state] = result;
   if (requires_grad) {
-    auto node = c10::make_intrusive<BiasDropoutAddBackwardNode>();
+    auto node = make_node<BiasDropoutAddBackwardNode>();
     node->set_next_edges(torch::autograd::collect_next_edges(x, bias, residual));
     node->p = p;
     node->has_bias = bias.has_value();
@@ -402,7 +424,7 @@ std::tuple<Tensor, Tensor> bias_dropout_add_backward_graph(const Tensor& grad,
   }
   auto& [grad_x, grad_bias] = result;
   if (requires_grad) {
-    auto node = c10::make_intrusive<BiasDropoutAddBackwardBackward>();
+    auto node = make_node<BiasDropoutAddBackwardBackward>();
     node->set_next_edges(torch::autograd::collect_next_edges(grad));
     node->p = p;
     node->sizes = grad.sizes().vec();
