@@ -16,6 +16,7 @@ import time
 import numpy as np
 import torch
 
+import _source_tree  # noqa: F401  (a source tree's in-place build, when not installed)
 import fastdropout
 
 SIGMA_BOUND = 5.0

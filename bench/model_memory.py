@@ -38,6 +38,7 @@ from typing import Callable, Dict, List, Tuple
 
 import torch
 
+import _source_tree  # noqa: F401  (a source tree's in-place build, when not installed)
 import fastdropout
 
 Batch = Dict[str, torch.Tensor]

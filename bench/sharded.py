@@ -24,6 +24,7 @@ import time
 
 import torch
 
+import _source_tree  # noqa: F401  (a source tree's in-place build, when not installed)
 import fastdropout
 import fastdropout.dtensor as fdt
 

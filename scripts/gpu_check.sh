@@ -44,6 +44,9 @@ fi
 export OUT="${OUT:-/tmp/fastdropout-gpu}"
 export PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
 export PY="${PYTHON:-python3}"
+# The build is in place (stage build) and not installed: scripts run from the tree (bench/*.py)
+# must find this tree's fastdropout first.
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 py="$PY"
 pytest_cmd=("$py" -m pytest -q -p no:cacheprovider -rfE)
 

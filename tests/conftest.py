@@ -8,6 +8,24 @@ FLOAT_DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 HAS_CUDA = torch.cuda.is_available() and fastdropout.cuda_kernels_built()
 requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU and the CUDA kernels")
 
+# The device that tests comparing CUDA with the CPU compare against: CUDA when present, else the
+# CPU itself, so that those tests' bodies run (CPU against CPU) in every suite.
+TARGET = "cuda" if HAS_CUDA else "cpu"
+
+
+def leaf(t: torch.Tensor, device: str) -> torch.Tensor:
+    """A fresh leaf copy of ``t`` on ``device`` that requires grad. (``t.to(device)`` is ``t``
+    itself when ``t`` is there already: requiring grad on it would tie one device's inputs to
+    the other's, and a copy made from a tensor that requires grad is no leaf.)"""
+    return t.detach().to(device, copy=True).requires_grad_()
+
+
+def snapshot(t: torch.Tensor) -> torch.Tensor:
+    """A CPU copy of ``t`` as it is now (strides kept), never ``t`` itself: a later step of a
+    test cannot change it (``.cpu()`` of a CPU tensor is the tensor, and a ``.grad`` accumulates
+    in place)."""
+    return t.detach().to("cpu", copy=True)
+
 
 def devices():
     """The devices every device-generic test runs on: the CPU, and CUDA when present."""

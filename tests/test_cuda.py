@@ -1,14 +1,16 @@
-"""CUDA-only checks: skipped without a GPU, run by scripts/gpu_check.sh on a lent machine."""
+"""CUDA checks, run by scripts/gpu_check.sh on a lent machine.
+
+The comparisons of CUDA with the CPU run everywhere: without a GPU, TARGET is the CPU and they
+compare the CPU with itself, so that their bodies (inputs, gradients, strides) are exercised by
+every CPU suite and a broken test shows before a GPU run spends its minutes on it. The tests of
+CUDA-only behaviour (generators, graphs, streams, memory) skip without a GPU."""
 import pytest
 import torch
 
 import fastdropout
 import reference
-from conftest import FLOAT_DTYPES, HAS_CUDA, bits_equal
+from conftest import FLOAT_DTYPES, TARGET, bits_equal, leaf, requires_cuda, snapshot
 from stats import assert_binomial
-
-pytestmark = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU and the CUDA kernels")
-
 
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
 @pytest.mark.parametrize("numel", [1, 7, 8, 9, 4096 + 3, (1 << 20) + 5])
@@ -17,16 +19,16 @@ def test_cpu_and_cuda_bit_identical(dtype, numel):
     x = (torch.randn(numel) * 5).to(dtype)
     for p in (0.1, 0.5, 0.9):
         cpu = fastdropout.dropout(x, p, seed=2**63 + 9, offset=2**35 + 1)
-        gpu = fastdropout.dropout(x.cuda(), p, seed=2**63 + 9, offset=2**35 + 1)
+        gpu = fastdropout.dropout(x.to(TARGET), p, seed=2**63 + 9, offset=2**35 + 1)
         assert bits_equal(cpu, gpu)
         assert torch.equal(fastdropout.dropout_mask(numel, p, seed=4, offset=1),
-                           fastdropout.dropout_mask(numel, p, seed=4, offset=1, device="cuda").cpu())
+                           fastdropout.dropout_mask(numel, p, seed=4, offset=1, device=TARGET).cpu())
 
 
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
 @pytest.mark.gpu_stage2
 def test_unaligned_and_strided_inputs_take_the_scalar_path_correctly(dtype):
-    base = torch.randn(4099, device="cuda").to(dtype)
+    base = torch.randn(4099, device=TARGET).to(dtype)
     for x in (base[1:], base[3:4003], base[::2], base[:4096].view(64, 64).t()):
         got = fastdropout.dropout(x, 0.3, seed=7)
         assert bits_equal(got, reference.dropout(x.contiguous().cpu(), 0.3, 7))
@@ -38,13 +40,14 @@ def test_backward_matches_cpu(dtype):
     x = torch.randn(3, 1001).to(dtype)
     g = torch.randn(3, 1001).to(dtype)
     grads = []
-    for dev in ("cpu", "cuda"):
-        xd = x.to(dev).requires_grad_()
+    for dev in ("cpu", TARGET):
+        xd = leaf(x, dev)
         fastdropout.dropout(xd, 0.2, seed=99).backward(g.to(dev))
-        grads.append(xd.grad.cpu())
+        grads.append(snapshot(xd.grad))
     assert bits_equal(grads[0], grads[1])
 
 
+@requires_cuda
 def test_default_generator_offset_advances_by_4_and_sets_the_offset():
     gen = torch.cuda.default_generators[torch.cuda.current_device()]
     torch.cuda.manual_seed(1234)
@@ -56,6 +59,7 @@ def test_default_generator_offset_advances_by_4_and_sets_the_offset():
     assert torch.equal(y != 0, want)
 
 
+@requires_cuda
 def test_manual_seed_and_rng_state_reproduce():
     x = torch.ones(1 << 16, device="cuda")
     torch.cuda.manual_seed(7)
@@ -66,6 +70,7 @@ def test_manual_seed_and_rng_state_reproduce():
     assert not torch.equal(a, b)
 
 
+@requires_cuda
 def test_explicit_cuda_generator():
     x = torch.ones(4096, device="cuda")
     g1 = torch.Generator(device="cuda").manual_seed(3)
@@ -73,6 +78,7 @@ def test_explicit_cuda_generator():
     assert torch.equal(fastdropout.dropout(x, 0.5, generator=g1), fastdropout.dropout(x, 0.5, generator=g2))
 
 
+@requires_cuda
 def test_checkpoint_reproduces_masks():
     from torch.utils.checkpoint import checkpoint
     lin = torch.nn.Linear(64, 64).cuda()
@@ -91,6 +97,7 @@ def test_checkpoint_reproduces_masks():
         assert torch.equal(x.grad, plain)
 
 
+@requires_cuda
 @pytest.mark.gpu_stage2
 def test_cuda_graph_replay_draws_fresh_masks_and_backward_follows():
     x = torch.ones(1 << 14, device="cuda", requires_grad=True)
@@ -119,6 +126,7 @@ def test_cuda_graph_replay_draws_fresh_masks_and_backward_follows():
     assert not torch.equal(outs[0], outs[1]) and not torch.equal(outs[1], outs[2])
 
 
+@requires_cuda
 def test_make_graphed_callables():
     layer = fastdropout.Dropout(0.5).cuda()
     x = torch.ones(1 << 12, device="cuda", requires_grad=True)
@@ -133,6 +141,7 @@ def test_make_graphed_callables():
     assert not torch.equal(seen[0], seen[1])
 
 
+@requires_cuda
 @pytest.mark.gpu_stage2
 def test_more_than_2_pow_31_elements():
     n = 2**31 + 7
@@ -155,19 +164,20 @@ def test_fused_cpu_and_cuda_agree(dtype, shape):
     x, b, r = (torch.randn(shape).to(dtype), torch.randn(shape[-1]).to(dtype), torch.randn(shape).to(dtype))
     g = torch.randn(shape).to(dtype)
     outs, gx, gb = [], [], []
-    for dev in ("cpu", "cuda"):
-        xs = [t.to(dev).requires_grad_() for t in (x, b, r)]
+    for dev in ("cpu", TARGET):
+        xs = [leaf(t, dev) for t in (x, b, r)]
         out = fastdropout.bias_dropout_add(*xs, 0.1, seed=6)
         out.backward(g.to(dev))
-        outs.append(out.detach().cpu())
-        gx.append(xs[0].grad.cpu())
-        gb.append(xs[1].grad.cpu())
+        outs.append(snapshot(out))
+        gx.append(snapshot(xs[0].grad))
+        gb.append(snapshot(xs[1].grad))
     assert bits_equal(outs[0], outs[1]) and bits_equal(gx[0], gx[1])
     # grad_bias: the contract's summation order on both devices, so bit for bit too.
     assert bits_equal(gb[0], gb[1])
     assert bits_equal(gb[1], reference.bias_grad(gx[1]))
 
 
+@requires_cuda
 @pytest.mark.gpu_stage2
 def test_fused_bias_grad_deterministic_on_cuda():
     x = torch.randn(4096, 1024, device="cuda", requires_grad=True)
@@ -186,9 +196,10 @@ def test_fused_bias_grad_deterministic_on_cuda():
 @pytest.mark.gpu_stage2
 def test_channel_dropout_cpu_and_cuda_agree(fn, shape):
     x = torch.randn(shape)
-    assert bits_equal(fn(x, 0.4, seed=3), fn(x.cuda(), 0.4, seed=3))
+    assert bits_equal(fn(x, 0.4, seed=3), fn(x.to(TARGET), 0.4, seed=3))
 
 
+@requires_cuda
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_autocast(dtype):
     lin = torch.nn.Linear(64, 64).cuda()
@@ -200,6 +211,7 @@ def test_autocast(dtype):
     assert x.grad is not None and torch.isfinite(x.grad).all()
 
 
+@requires_cuda
 def test_memory_returns_to_start_and_nothing_but_16_bytes_saved():
     torch.cuda.synchronize()
     start = torch.cuda.memory_allocated()
@@ -211,6 +223,7 @@ def test_memory_returns_to_start_and_nothing_but_16_bytes_saved():
     assert torch.cuda.memory_allocated() == start
 
 
+@requires_cuda
 def test_streams_draw_distinct_masks():
     x = torch.ones(1 << 16, device="cuda")
     streams = [torch.cuda.Stream() for _ in range(4)]
@@ -224,6 +237,7 @@ def test_streams_draw_distinct_masks():
             assert_binomial(int((outs[i] == outs[j]).sum()), x.numel(), 0.5, "agreement across streams")
 
 
+@requires_cuda
 def test_compile_on_cuda_matches_eager():
     torch._dynamo.reset()
     x = torch.ones(4096, device="cuda", requires_grad=True)
@@ -239,6 +253,7 @@ def test_compile_on_cuda_matches_eager():
     assert torch.equal(compiled(x), eager)
 
 
+@requires_cuda
 @pytest.mark.gpu_stage2
 def test_fused_cuda_graph_replay_draws_fresh_masks():
     x = torch.ones(64, 256, device="cuda", requires_grad=True)
@@ -283,13 +298,13 @@ VIEWS = {
 def test_views_match_cpu_bitwise_in_every_op(dtype, view):
     torch.manual_seed(0)
     base, grad_base, residual_base = ((torch.randn(512) * 4).to(dtype) for _ in range(3))
-    got = {}
-    for dev in ("cpu", "cuda"):
-        x = VIEWS[view](base.to(dev)).detach().requires_grad_()
+    got = []
+    for dev in ("cpu", TARGET):
+        x = VIEWS[view](base.to(dev, copy=True)).detach().requires_grad_()
         g = VIEWS[view](grad_base.to(dev))
         y = fastdropout.dropout(x, 0.3, seed=7, offset=3)
         y.backward(g)
-        inplace = VIEWS[view](base.to(dev).clone())
+        inplace = VIEWS[view](base.to(dev, copy=True))
         fastdropout.dropout(inplace, 0.3, inplace=True, seed=7, offset=3)
         out = {"forward": y, "backward": x.grad, "inplace": inplace}
         if x.dim() == 4:
@@ -299,12 +314,14 @@ def test_views_match_cpu_bitwise_in_every_op(dtype, view):
         fused = fastdropout.bias_dropout_add(xf, bias, VIEWS[view](residual_base.to(dev)), 0.2, seed=9)
         fused.backward(g)
         out.update(fused=fused, fused_grad_x=xf.grad, fused_grad_bias=bias.grad)
-        got[dev] = out
-    for name in got["cpu"]:
-        assert got["cpu"][name].stride() == got["cuda"][name].stride(), name
-        assert bits_equal(got["cpu"][name], got["cuda"][name]), name
+        got.append({name: snapshot(t) for name, t in out.items()})
+    cpu, target = got
+    for name in cpu:
+        assert cpu[name].stride() == target[name].stride(), name
+        assert bits_equal(cpu[name], target[name]), name
 
 
+@requires_cuda
 @pytest.mark.gpu_stage2
 def test_more_than_2_pow_31_elements_backward_and_fused():
     p, seed, offset = 0.25, 11, 2
@@ -347,12 +364,13 @@ def test_nan_rule_bit_identical_on_cpu_and_cuda(dtype):
     x = _nan_inputs(dtype)
     r = _nan_inputs(dtype).flip(0)
     b = _nan_inputs(dtype)[:8]
-    assert bits_equal(fastdropout.dropout(x.cuda(), 0.5, seed=3), reference.dropout(x, 0.5, 3))
-    got = fastdropout.bias_dropout_add(x.view(-1, 8).cuda(), b.cuda(), r.view(-1, 8).cuda(), 0.5, seed=9)
+    assert bits_equal(fastdropout.dropout(x.to(TARGET), 0.5, seed=3), reference.dropout(x, 0.5, 3))
+    got = fastdropout.bias_dropout_add(x.view(-1, 8).to(TARGET), b.to(TARGET), r.view(-1, 8).to(TARGET), 0.5,
+                                       seed=9)
     assert bits_equal(got, reference.bias_dropout_add(x.view(-1, 8), b, r.view(-1, 8), 0.5, 9))
-    g = x.view(-1, 8).cuda()
+    g = x.view(-1, 8).to(TARGET)
     xs = torch.zeros_like(g, requires_grad=True)
-    bs = torch.zeros(8, dtype=dtype, device="cuda", requires_grad=True)
+    bs = torch.zeros(8, dtype=dtype, device=TARGET, requires_grad=True)
     fastdropout.bias_dropout_add(xs, bs, torch.zeros_like(g), 0.5, seed=9).backward(g)
     assert bits_equal(xs.grad, reference.dropout(g.cpu(), 0.5, 9))
     assert bits_equal(bs.grad, reference.bias_grad(xs.grad))
@@ -369,13 +387,13 @@ def test_misaligned_fused_and_channel_paths_agree_with_cpu(dtype):
     g_cpu = torch.randn(3 * 257, 24).to(dtype)
     b_cpu = torch.randn(24).to(dtype)
     outs, grads = [], []
-    for dev in ("cpu", "cuda"):
-        x = base.to(dev)[1:].view(3 * 257, 24).requires_grad_()
-        b = b_cpu.to(dev).requires_grad_()
+    for dev in ("cpu", TARGET):
+        x = base.to(dev, copy=True)[1:].view(3 * 257, 24).requires_grad_()
+        b = leaf(b_cpu, dev)
         out = fastdropout.bias_dropout_add(x, b, x.detach(), 0.3, seed=5)
         out.backward(g_cpu.to(dev))
-        outs.append(out.detach().cpu())
-        grads.append((x.grad.cpu(), b.grad.cpu()))
+        outs.append(snapshot(out))
+        grads.append((snapshot(x.grad), snapshot(b.grad)))
     assert bits_equal(outs[0], outs[1])
     assert bits_equal(grads[0][0], grads[1][0]) and bits_equal(grads[0][1], grads[1][1])
     for shape in ((4, 6, 5, 7), (2, 3, 1, 9), (5, 3, 4, 4)):
@@ -386,9 +404,9 @@ def test_misaligned_fused_and_channel_paths_agree_with_cpu(dtype):
         for start in (0, 1, 3):
             xc = flat[start:start + n].view(shape)
             want = fastdropout.dropout2d(xc, 0.4, seed=8)
-            got = fastdropout.dropout2d(xc.cuda(), 0.4, seed=8)
+            got = fastdropout.dropout2d(xc.to(TARGET), 0.4, seed=8)
             assert bits_equal(want, got)
-            assert bits_equal(fastdropout.dropout(xc, 0.4, seed=8), fastdropout.dropout(xc.cuda(), 0.4, seed=8))
+            assert bits_equal(fastdropout.dropout(xc, 0.4, seed=8), fastdropout.dropout(xc.to(TARGET), 0.4, seed=8))
 
 
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
@@ -398,6 +416,6 @@ def test_permuted_layouts_agree_with_cpu(dtype):
     for xc in (x.to(memory_format=torch.channels_last), x.permute(0, 2, 3, 1), x.transpose(1, 3)):
         for fn in (fastdropout.dropout, fastdropout.dropout2d):
             want = fn(xc, 0.3, seed=12)
-            got = fn(xc.cuda(), 0.3, seed=12)
-            assert got.stride() == torch.empty_like(xc.cuda()).stride()
+            got = fn(xc.to(TARGET), 0.3, seed=12)
+            assert got.stride() == torch.empty_like(xc.to(TARGET)).stride()
             assert bits_equal(want, got)

@@ -66,3 +66,19 @@ def test_summary_reads_every_stage(tmp_path):
     assert "fastdropout fwd1st 7.500, steady 0.550 ms" in text
     assert text.rstrip().endswith("RESULT: FAIL: correctness (FAIL)")
     assert len(json.loads((out / "bench.json").read_text())["rows"]) == len(rows)
+
+
+def test_bench_scripts_run_as_gpu_check_runs_them():
+    """gpu_check.sh's bench stage runs ``python bench/sharded.py`` from the tree's root over an
+    in-place build that is not installed: Python then puts bench/ on sys.path, not the root. Run
+    here the same way, with no site hooks (an editable install's finder is one) and torch found
+    through PYTHONPATH, on the CPU."""
+    import site
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(site.getsitepackages()))
+    proc = subprocess.run(
+        [sys.executable, "-S", "bench/sharded.py", "--device", "cpu", "--numel", "65536",
+         "--repeats", "1", "--ops", "dropout", "--run-lengths", "256", "--json"],
+        cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    rows = json.loads(proc.stdout)
+    assert rows and {row["op"] for row in rows} == {"dropout"}
