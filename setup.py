@@ -18,6 +18,7 @@ import re
 import shutil
 import subprocess
 import sys
+import sysconfig
 
 from setuptools import find_packages, setup
 
@@ -119,10 +120,26 @@ def _build_info_source():
     return "\n".join(lines) + "\n"
 
 
+def _persistent_build_temp():
+    """Where an in-place or editable build keeps its objects and ninja's build file, in the
+    source tree, one folder per Python, torch and kernel set. pip's editable install would
+    otherwise compile in a new temporary folder each time, and ninja could not tell that
+    nothing changed; here a second build recompiles only what changed since the first."""
+    tag = "{}-{}-torch{}-{}".format(sysconfig.get_platform(), sys.implementation.cache_tag,
+                                    torch.__version__, "cuda" if WITH_CUDA else "cpu")
+    return os.path.join(ROOT, "build", "temp." + tag)
+
+
 class BuildExtensionWithInfo(BuildExtension):
     """torch's BuildExtension, then fastdropout/_build_info.py written next to the compiled
     module: into the build tree (so that wheels carry it) and, for in-place and editable
-    builds, into the source package."""
+    builds, into the source package. In-place and editable builds compile incrementally in
+    build/ (_persistent_build_temp)."""
+
+    def finalize_options(self):
+        super().finalize_options()
+        if self.inplace or getattr(self, "editable_mode", False):
+            self.build_temp = _persistent_build_temp()
 
     def run(self):
         super().run()
