@@ -30,25 +30,25 @@ using at::Tensor;
 using torch::autograd::SavedVariable;
 using torch::autograd::variable_list;
 
-using DropoutSig = std::tuple<Tensor, Tensor>(const Tensor&, double, std::optional<int64_t>,
-                                              int64_t, std::optional<at::Generator>, int64_t);
-using DropoutInplaceSig = Tensor(Tensor&, double, std::optional<int64_t>, int64_t,
+using DropoutSig = std::tuple<Tensor, Tensor>(const Tensor&, double, std::optional<c10::SymInt>,
+                                              c10::SymInt, std::optional<at::Generator>, int64_t);
+using DropoutInplaceSig = Tensor(Tensor&, double, std::optional<c10::SymInt>, c10::SymInt,
                                std::optional<at::Generator>, int64_t);
 using DropoutBackwardSig = Tensor(const Tensor&, const Tensor&, double, int64_t);
 using BiasDropoutAddSig = std::tuple<Tensor, Tensor>(const Tensor&, const std::optional<Tensor>&,
-                                                     const Tensor&, double, std::optional<int64_t>,
-                                                     int64_t, std::optional<at::Generator>);
+                                                     const Tensor&, double, std::optional<c10::SymInt>,
+                                                     c10::SymInt, std::optional<at::Generator>);
 using BiasDropoutAddBackwardSig = std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, double);
 // The sharded ops (sharded_ops.cpp): the same, with a DTensor shard's map after p.
 using ShardedDropoutSig = std::tuple<Tensor, Tensor>(const Tensor&, double, int64_t,
                                                      at::IntArrayRef, at::IntArrayRef, int64_t,
-                                                     std::optional<int64_t>, int64_t,
+                                                     std::optional<c10::SymInt>, c10::SymInt,
                                                      std::optional<at::Generator>, int64_t);
 using ShardedDropoutBackwardSig = Tensor(const Tensor&, const Tensor&, double, int64_t,
                                          at::IntArrayRef, at::IntArrayRef, int64_t, int64_t);
 using ShardedBiasDropoutAddSig = std::tuple<Tensor, Tensor>(
     const Tensor&, const std::optional<Tensor>&, const Tensor&, double, int64_t, at::IntArrayRef,
-    at::IntArrayRef, int64_t, std::optional<int64_t>, int64_t, std::optional<at::Generator>);
+    at::IntArrayRef, int64_t, std::optional<c10::SymInt>, c10::SymInt, std::optional<at::Generator>);
 using ShardedBiasDropoutAddBackwardSig = std::tuple<Tensor, Tensor>(
     const Tensor&, const Tensor&, double, int64_t, at::IntArrayRef, at::IntArrayRef, int64_t);
 
@@ -188,7 +188,7 @@ std::pair<Tensor, Tensor> replay_autograd(const Tensor& input, double p, int64_t
 }
 
 std::tuple<Tensor, Tensor> dropout_autograd(c10::DispatchKeySet ks, const Tensor& x, double p,
-                                            std::optional<int64_t> seed, int64_t offset,
+                                            std::optional<c10::SymInt> seed, c10::SymInt offset,
                                             std::optional<at::Generator> generator,
                                             int64_t channel_numel) {
   static const auto op = op_handle<DropoutSig>("fastdropout::dropout");
@@ -203,7 +203,7 @@ std::tuple<Tensor, Tensor> dropout_autograd(c10::DispatchKeySet ks, const Tensor
 std::tuple<Tensor, Tensor> sharded_dropout_autograd(
     c10::DispatchKeySet ks, const Tensor& x, double p, int64_t run_length,
     at::IntArrayRef run_counts, at::IntArrayRef run_strides, int64_t run_base,
-    std::optional<int64_t> seed, int64_t offset, std::optional<at::Generator> generator,
+    std::optional<c10::SymInt> seed, c10::SymInt offset, std::optional<at::Generator> generator,
     int64_t channel_numel) {
   static const auto op = op_handle<ShardedDropoutSig>("fastdropout::sharded_dropout");
   auto [out, rng_state] = replay_autograd(
@@ -221,7 +221,7 @@ std::tuple<Tensor, Tensor> sharded_dropout_autograd(
 // The op returns the rng state only (not x, aliased): functionalization, hence torch.compile,
 // refuses custom ops whose outputs alias an input.
 Tensor dropout_inplace_autograd(c10::DispatchKeySet ks, Tensor& x, double p,
-                                std::optional<int64_t> seed, int64_t offset,
+                                std::optional<c10::SymInt> seed, c10::SymInt offset,
                                 std::optional<at::Generator> generator, int64_t channel_numel) {
   static const auto op = op_handle<DropoutInplaceSig>("fastdropout::dropout_");
   const bool requires_grad = torch::autograd::compute_requires_grad(x);
@@ -354,7 +354,7 @@ std::tuple<Tensor, Tensor> bias_dropout_add_graph(const Tensor& x,
 std::tuple<Tensor, Tensor> bias_dropout_add_autograd(c10::DispatchKeySet ks, const Tensor& x,
                                                      const std::optional<Tensor>& bias,
                                                      const Tensor& residual, double p,
-                                                     std::optional<int64_t> seed, int64_t offset,
+                                                     std::optional<c10::SymInt> seed, c10::SymInt offset,
                                                      std::optional<at::Generator> generator) {
   static const auto op = op_handle<BiasDropoutAddSig>("fastdropout::bias_dropout_add");
   return bias_dropout_add_graph(x, bias, residual, p, std::nullopt, [&] {
@@ -366,7 +366,7 @@ std::tuple<Tensor, Tensor> bias_dropout_add_autograd(c10::DispatchKeySet ks, con
 std::tuple<Tensor, Tensor> sharded_bias_dropout_add_autograd(
     c10::DispatchKeySet ks, const Tensor& x, const std::optional<Tensor>& bias,
     const Tensor& residual, double p, int64_t run_length, at::IntArrayRef run_counts,
-    at::IntArrayRef run_strides, int64_t run_base, std::optional<int64_t> seed, int64_t offset,
+    at::IntArrayRef run_strides, int64_t run_base, std::optional<c10::SymInt> seed, c10::SymInt offset,
     std::optional<at::Generator> generator) {
   static const auto op =
       op_handle<ShardedBiasDropoutAddSig>("fastdropout::sharded_bias_dropout_add");

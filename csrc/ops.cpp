@@ -371,18 +371,18 @@ TORCH_LIBRARY(fastdropout, m) {
   // generator.
   const std::vector<at::Tag> seeded = {at::Tag::nondeterministic_seeded};
   m.def(
-      "dropout(Tensor x, float p, int? seed=None, int offset=0, Generator? generator=None, "
+      "dropout(Tensor x, float p, SymInt? seed=None, SymInt offset=0, Generator? generator=None, "
       "int channel_numel=1) -> (Tensor, Tensor)",
       seeded);
   m.def(
-      "dropout_(Tensor(a!) x, float p, int? seed=None, int offset=0, Generator? generator=None, "
+      "dropout_(Tensor(a!) x, float p, SymInt? seed=None, SymInt offset=0, Generator? generator=None, "
       "int channel_numel=1) -> Tensor",
       seeded);
   m.def("dropout_backward(Tensor grad, Tensor rng_state, float p, int channel_numel=1) -> Tensor");
   m.def("dropout_mask(Tensor rng_state, int numel, float p) -> Tensor");
   m.def(
-      "bias_dropout_add(Tensor x, Tensor? bias, Tensor residual, float p, int? seed=None, "
-      "int offset=0, Generator? generator=None) -> (Tensor, Tensor)",
+      "bias_dropout_add(Tensor x, Tensor? bias, Tensor residual, float p, SymInt? seed=None, "
+      "SymInt offset=0, Generator? generator=None) -> (Tensor, Tensor)",
       seeded);
   m.def("bias_dropout_add_backward(Tensor grad, Tensor rng_state, float p) -> (Tensor, Tensor)");
   m.def("_philox4x32_10(int[] counter, int[] key) -> int[]", &philox_op);

@@ -131,12 +131,12 @@ TORCH_LIBRARY_FRAGMENT(fastdropout, m) {
   const std::vector<at::Tag> seeded = {at::Tag::nondeterministic_seeded};
   m.def(
       "sharded_dropout(Tensor x, float p, int run_length, int[] run_counts, int[] run_strides, "
-      "int run_base, int? seed=None, int offset=0, Generator? generator=None, "
+      "int run_base, SymInt? seed=None, SymInt offset=0, Generator? generator=None, "
       "int channel_numel=1) -> (Tensor, Tensor)",
       seeded);
   m.def(
       "sharded_dropout_(Tensor(a!) x, float p, int run_length, int[] run_counts, "
-      "int[] run_strides, int run_base, int? seed=None, int offset=0, Generator? generator=None, "
+      "int[] run_strides, int run_base, SymInt? seed=None, SymInt offset=0, Generator? generator=None, "
       "int channel_numel=1) -> Tensor",
       seeded);
   m.def(
@@ -144,8 +144,8 @@ TORCH_LIBRARY_FRAGMENT(fastdropout, m) {
       "int[] run_counts, int[] run_strides, int run_base, int channel_numel=1) -> Tensor");
   m.def(
       "sharded_bias_dropout_add(Tensor x, Tensor? bias, Tensor residual, float p, "
-      "int run_length, int[] run_counts, int[] run_strides, int run_base, int? seed=None, "
-      "int offset=0, Generator? generator=None) -> (Tensor, Tensor)",
+      "int run_length, int[] run_counts, int[] run_strides, int run_base, SymInt? seed=None, "
+      "SymInt offset=0, Generator? generator=None) -> (Tensor, Tensor)",
       seeded);
   m.def(
       "sharded_bias_dropout_add_backward(Tensor grad, Tensor rng_state, float p, "

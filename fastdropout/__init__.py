@@ -9,6 +9,7 @@ Example::
 """
 from ._version import __version__
 from ._ops import cuda_kernels_built
+from . import _vmap  # noqa: F401  (registers the vmap rules of the ops _ops loads)
 from .diagnostics import system_info
 from .functional import (
     bias_dropout_add,
@@ -21,6 +22,7 @@ from .functional import (
 )
 from .modules import BiasDropoutAdd, Dropout, Dropout1d, Dropout2d, Dropout3d
 from .replace import replace_dropout
+from .regenerate import regenerate_dropout_outputs
 from .drop_path import DropPath, drop_path
 from .routing import FunctionalDropoutRoute, route_functional_dropout, unroute_functional_dropout
 # DTensor rules for the ops (each shard draws its slice of the unsharded mask); a no-op where
@@ -44,6 +46,7 @@ __all__ = [
     "Dropout3d",
     "BiasDropoutAdd",
     "replace_dropout",
+    "regenerate_dropout_outputs",
     "drop_path",
     "DropPath",
     "route_functional_dropout",

@@ -75,5 +75,5 @@ def _bias_dropout_add_backward_fake(grad, rng_state, p):
     return torch.empty_like(grad, memory_format=torch.contiguous_format), grad.new_empty(grad.shape[-1:])
 
 # Autograd and forward-mode AD are registered in C++ (csrc/autograd.cpp): no Python runs in
-# backward. vmap has its rules in _vmap.py (randomness "error" / "same" / "different").
-from . import _vmap  # noqa: E402,F401  (registers the vmap rules)
+# backward. vmap has its rules in _vmap.py (randomness "error" / "same" / "different"), which
+# imports this module and is imported by the package's __init__.

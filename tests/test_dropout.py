@@ -277,3 +277,28 @@ def test_compile_fullgraph_inductor_matches_eager_and_draws_two_masks():
     first = got.detach() % 3 != 0  # the first mask contributes 2, the second 6
     second = got.detach() >= 6
     assert_binomial((first == second).sum().item(), 4096, 0.5, "agreement of the two masks")
+
+
+@pytest.mark.parametrize("backend", ["eager", "aot_eager"])
+@pytest.mark.parametrize("kind", ["seed", "offset", "fused seed"])
+def test_compile_with_a_new_seed_each_call_compiles_at_most_twice(backend, kind):
+    """The ops take seed and offset as SymInt, so a training loop that passes a new seed each
+    step gets one graph for the first value and one dynamic graph for all others (as torch's
+    own ops with integer arguments do), not a graph per seed until Dynamo's cache limit."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend(backend)
+    x = torch.randn(64, requires_grad=True)
+    bias, residual = torch.randn(8), torch.randn(64).view(8, 8)
+    calls = {
+        "seed": lambda t, s: fastdropout.dropout(t, 0.1, seed=s),
+        "offset": lambda t, s: fastdropout.dropout(t, 0.1, seed=7, offset=s),
+        "fused seed": lambda t, s: fastdropout.bias_dropout_add(t.view(8, 8), bias, residual, 0.1, seed=s),
+    }
+    f = torch.compile(calls[kind], backend=counter)
+    for s in (3, 10, 2**40 + 1, 2**62 + 5, 12345):
+        got = f(x, s)
+        want = calls[kind](x, s)
+        assert torch.equal(got, want), s
+        got.sum().backward()
+    assert counter.frame_count <= 2

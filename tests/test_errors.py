@@ -21,10 +21,23 @@ def test_p_out_of_range(p):
             call()
 
 
-@pytest.mark.parametrize("p", ["0.5", None, True, [0.5]])
+@pytest.mark.parametrize("p", ["0.5", None, True, [0.5], torch.tensor([0.5]), torch.tensor(True)])
 def test_p_not_a_number(p):
     with pytest.raises(TypeError, match="p must be a float"):
         fastdropout.dropout(X, p)
+
+
+@pytest.mark.parametrize("p", [torch.tensor(0.25), torch.tensor(0.25, dtype=torch.float64),
+                               torch.tensor(0), torch.tensor(1)])
+def test_p_as_a_0_dim_tensor_is_its_value(p):
+    """torch.nn.functional.dropout takes a 0-dim tensor p; so does every fastdropout call."""
+    value = p.item()
+    assert torch.equal(fastdropout.dropout(X, p, seed=3), fastdropout.dropout(X, value, seed=3))
+    assert fastdropout.Dropout(p).p == value
+    assert torch.equal(fastdropout.dropout2d(X.view(2, 2, -1), p, seed=3),
+                       fastdropout.dropout2d(X.view(2, 2, -1), value, seed=3))
+    with pytest.raises(ValueError, match="between 0 and 1"):
+        fastdropout.dropout(X, torch.tensor(1.5))
 
 
 @pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.uint8, torch.bool, torch.complex64])
