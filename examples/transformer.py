@@ -163,7 +163,7 @@ def main():
         sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
         import model_memory
         print("\nbench/model_memory.py (saved for backward and step time, four models):", flush=True)
-        model_memory.main(["--device", device])
+        model_memory.main(["--device", device, "--models", "gpt2,bert,vit,timm_vit"])
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ from typing import Optional, Sequence, Tuple, Union
 
 import torch
 
+from . import regenerate
 from ._ops import ops
 
 __all__ = [
@@ -32,8 +33,12 @@ _U64 = 1 << 64
 # --- argument checks: every bad input gets a Python error naming the argument ------------------
 
 def _check_p(p) -> float:
+    # A 0-dim real tensor is taken as its value, as torch.nn.functional.dropout takes it.
+    if (isinstance(p, torch.Tensor) and p.dim() == 0 and p.dtype != torch.bool
+            and not p.is_complex()):
+        p = p.item()
     if isinstance(p, bool) or not isinstance(p, numbers.Real):
-        raise TypeError(f"fastdropout: p must be a float in [0, 1], got {type(p).__name__}")
+        raise TypeError(f"fastdropout: p must be a float in [0, 1] or a 0-dim tensor, got {type(p).__name__}")
     p = float(p)
     if not (0.0 <= p <= 1.0):  # also rejects NaN
         raise ValueError(f"dropout probability has to be between 0 and 1, but got {p} (argument p)")
@@ -53,7 +58,8 @@ def _check_tensor(t, name: str) -> None:
 
 
 def _to_int64(value: int, name: str) -> int:
-    """A Python int in [0, 2**64) as the int64 with the same 64 bits."""
+    """A Python int in [0, 2**64) as the int64 with the same 64 bits. (Under torch.compile a seed
+    that changes from call to call is traced as a SymInt, which the ops' schemas take.)"""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"fastdropout: {name} must be an int in [0, 2**64), got {type(value).__name__}")
     value = int(value)
@@ -85,7 +91,11 @@ def _run(x: torch.Tensor, p: float, inplace: bool, seed, offset, generator,
          channel_numel: int) -> torch.Tensor:
     seed, offset = _rng_args(x, seed, offset, generator)
     if not inplace:
-        return ops.dropout(x, p, seed, offset, generator, channel_numel)[0]
+        out, rng_state = ops.dropout(x, p, seed, offset, generator, channel_numel)
+        # is_compiling() first: Dynamo folds it, and never traces the thread-local read.
+        if not torch.compiler.is_compiling() and regenerate.recording():
+            regenerate.record(x, out, rng_state, p, channel_numel)
+        return out
     if x.requires_grad and x.is_leaf and torch.is_grad_enabled():
         raise RuntimeError(
             "fastdropout: inplace=True on a leaf tensor that requires grad (x); "

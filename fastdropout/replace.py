@@ -10,6 +10,7 @@ from torch import nn
 
 from .drop_path import DropPath
 from .modules import Dropout, Dropout1d, Dropout2d, Dropout3d
+from .regenerate import regenerate_on_forward
 from .routing import route_functional_dropout
 
 __all__ = ["replace_dropout"]
@@ -45,8 +46,9 @@ def _swaps() -> Dict[type, Callable[[nn.Module], nn.Module]]:
     return {**_SWAPS, timm_drop_path: lambda old: DropPath(old.drop_prob, old.scale_by_keep)}
 
 
-def replace_dropout(model: nn.Module, *, functional: bool = False, skipped: Optional[List[str]] = None,
-                    replaced: Optional[List[str]] = None, routed: Optional[List[str]] = None) -> nn.Module:
+def replace_dropout(model: nn.Module, *, functional: bool = False, regenerate: bool = False,
+                    skipped: Optional[List[str]] = None, replaced: Optional[List[str]] = None,
+                    routed: Optional[List[str]] = None) -> nn.Module:
     """Replace, in place, every ``nn.Dropout`` in ``model`` by :class:`fastdropout.Dropout`,
     every ``nn.Dropout1d/2d/3d`` by fastdropout's channel variants (keeping ``p``, ``inplace``
     and the train/eval flag) and every timm ``DropPath`` by :class:`fastdropout.DropPath`
@@ -56,6 +58,12 @@ def replace_dropout(model: nn.Module, *, functional: bool = False, skipped: Opti
     (``nn.functional.dropout`` in Hugging Face's attention, for instance) go to fastdropout
     too: see :func:`fastdropout.route_functional_dropout`; undo that with
     :func:`fastdropout.unroute_functional_dropout`.
+
+    With ``regenerate=True``, every forward of ``model`` runs in a
+    :class:`fastdropout.regenerate_dropout_outputs` scope: the dropout outputs that later ops
+    save for backward are recomputed there from their input instead of kept (a model with
+    dropout then keeps the bytes it keeps without). :func:`fastdropout.unroute_functional_dropout`
+    undoes it too.
 
     Dropout-like modules it does not handle (``nn.AlphaDropout``, ``nn.FeatureAlphaDropout``,
     subclasses of the dropout classes or of timm's DropPath) are left alone; pass a list as
@@ -67,6 +75,7 @@ def replace_dropout(model: nn.Module, *, functional: bool = False, skipped: Opti
 
         >>> model = torchvision.models.vgg11()
         >>> fastdropout.replace_dropout(model)
+        >>> gpt2 = fastdropout.replace_dropout(gpt2, functional=True, regenerate=True)
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"fastdropout: model must be an nn.Module, got {type(model).__name__}")
@@ -92,6 +101,8 @@ def replace_dropout(model: nn.Module, *, functional: bool = False, skipped: Opti
                 if skipped is not None:
                     skipped.append(qualified)
     _log.info("fastdropout.replace_dropout: replaced %d dropout modules", swapped)
+    if regenerate:
+        regenerate_on_forward(model)
     if functional:
         route = route_functional_dropout(model)
         if routed is not None:

@@ -43,6 +43,7 @@ import torch.nn.functional as torch_F
 from torch import nn
 
 from . import functional as fd_F
+from .regenerate import stop_regenerating_on_forward
 
 __all__ = ["FunctionalDropoutRoute", "route_functional_dropout", "unroute_functional_dropout"]
 
@@ -309,7 +310,9 @@ def route_functional_dropout(*targets: Union[nn.Module, types.ModuleType]) -> Fu
 
 def unroute_functional_dropout(model: nn.Module) -> int:
     """Remove every route taken for ``model`` (by :func:`route_functional_dropout` or
-    ``replace_dropout(model, functional=True)``). Returns how many were removed.
+    ``replace_dropout(model, functional=True)``), and the regeneration that
+    ``replace_dropout(model, regenerate=True)`` put around its forward. Returns how many routes
+    were removed (the regeneration not counted).
 
     Example::
 
@@ -319,6 +322,7 @@ def unroute_functional_dropout(model: nn.Module) -> int:
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"fastdropout: model must be an nn.Module, got {type(model).__name__}")
+    stop_regenerating_on_forward(model)
     with _lock:
         routes = _routes_by_model.pop(model, [])
     removed = 0

@@ -419,3 +419,39 @@ def test_permuted_layouts_agree_with_cpu(dtype):
             got = fn(xc.to(TARGET), 0.3, seed=12)
             assert got.stride() == torch.empty_like(xc.to(TARGET)).stride()
             assert bits_equal(want, got)
+
+
+@requires_cuda
+def test_regeneration_under_cuda_graph_capture_and_replay():
+    """A dropout output saved by a multiply is regenerated in the captured backward from the
+    state the captured forward wrote: on each replay, w.grad (= the regenerated output) equals
+    the output the forward of that replay wrote, and replays draw fresh masks."""
+    x = torch.randn(1 << 12, device="cuda")
+    w = torch.ones(1 << 12, device="cuda", requires_grad=True)
+    written = torch.empty(1 << 12, device="cuda")
+
+    def step():
+        with fastdropout.regenerate_dropout_outputs():
+            d = fastdropout.dropout(x, 0.5)
+            written.copy_(d)
+            loss = (d * w).sum()  # the multiply saves d: regenerated in backward
+        loss.backward()
+
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):
+            w.grad = None
+            step()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    w.grad = None
+    with torch.cuda.graph(graph):
+        step()
+    seen = []
+    for _ in range(2):
+        graph.replay()
+        torch.cuda.synchronize()
+        assert bits_equal(w.grad, written)
+        seen.append(written.clone())
+    assert not torch.equal(seen[0], seen[1])
