@@ -21,9 +21,10 @@ def in_scope(step):
     return run
 
 
-def saved_bytes(step):
-    """Bytes autograd keeps for backward while ``step`` runs, each storage once (an outer
-    saved-tensor hook: the scope under test composes with it), and step's result."""
+def saved(step):
+    """(device, data pointer) -> bytes of every storage autograd keeps for backward while
+    ``step`` runs (an outer saved-tensor hook: a scope under test composes with it), and step's
+    result."""
     storages = {}
 
     def pack(t):
@@ -32,6 +33,12 @@ def saved_bytes(step):
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         out = step()
+    return storages, out
+
+
+def saved_bytes(step):
+    """The bytes :func:`saved` finds, each storage once, and step's result."""
+    storages, out = saved(step)
     return sum(storages.values()), out
 
 
@@ -66,19 +73,6 @@ def test_same_gradients_and_the_bytes_of_no_dropout(dtype):
     assert regenerated == without_dropout + STATE
 
 
-def saved_storages(step):
-    """The storages (data pointers) autograd keeps while ``step`` runs, and step's result."""
-    ptrs = set()
-
-    def pack(t):
-        ptrs.add(t.untyped_storage().data_ptr())
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = step()
-    return ptrs, out
-
-
 def test_views_layouts_and_channels_are_regenerated_bit_for_bit():
     torch.manual_seed(0)
     base = torch.randn(4, 6, 10, 12)
@@ -102,8 +96,8 @@ def test_views_layouts_and_channels_are_regenerated_bit_for_bit():
             return (view(d) @ w).square().sum()
 
         want = torch.autograd.grad(step(), (x, w))
-        ptrs, loss = saved_storages(in_scope(step))
-        assert outputs[-1].untyped_storage().data_ptr() not in ptrs, name  # not kept
+        storages, loss = saved(in_scope(step))
+        assert (outputs[-1].device, outputs[-1].untyped_storage().data_ptr()) not in storages, name  # not kept
         got = torch.autograd.grad(loss, (x, w))
         assert all(bits_equal(a, b) for a, b in zip(want, got)), name
 

@@ -11,22 +11,8 @@ import torch
 import fastdropout
 from conftest import bits_equal
 from test_hf_models import _gpt2
+from test_regenerate import STATE, saved
 
-STATE = 16
-
-
-def saved(step):
-    """(device, data pointer) -> bytes of every storage autograd keeps while ``step`` runs, and
-    step's result."""
-    storages = {}
-
-    def pack(t):
-        storages[(t.device, t.untyped_storage().data_ptr())] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = step()
-    return storages, out
 
 
 def _lora(lora_dropout):
