@@ -11,6 +11,7 @@ Environment:
                            the driver compiles for any newer GPU)
   CUDA_HOME                the CUDA toolkit; found from nvcc on PATH when unset
   MAX_JOBS                 parallel compile jobs (ninja)
+  FASTDROPOUT_HOST_DEBUG=1 keep the C++ objects' debug information (-g0 otherwise)
 """
 import glob
 import os
@@ -160,7 +161,11 @@ def extensions():
     # are not part of any result).
     # -fopenmp: at::parallel_for is a header that uses OpenMP pragmas; without the flag our CPU
     # kernels would run on one thread. The libgomp torch ships (same soname) serves both.
+    # -g0: no host debug information (Python's own CFLAGS bring -g): the C++ objects compile
+    # about a seventh faster and are a fiftieth of the size. FASTDROPOUT_HOST_DEBUG=1 keeps it.
     cxx_flags = ["-O3", "-ffp-contract=off", "-fno-trapping-math"]
+    if os.environ.get("FASTDROPOUT_HOST_DEBUG", "0") in ("", "0"):
+        cxx_flags.append("-g0")
     link_flags = []
     if sys.platform.startswith("linux"):
         cxx_flags.append("-fopenmp")

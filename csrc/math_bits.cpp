@@ -4,7 +4,7 @@
 // dropout_ returns its rng state instead (a custom op may not return an alias of its input:
 // functionalization, hence torch.compile, refuses those). This kernel does the same job for
 // dropout_ itself: run on the resolved values, write them back through the negative view.
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 

@@ -17,7 +17,7 @@
 // the unsharded operators' (csrc/autograd.cpp, the Node keeping the map), their fake kernels are
 // registered in Python (fastdropout/dtensor.py); within a DTensor call they run below the
 // unsharded operators' own autograd.
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
 #include <c10/util/safe_numerics.h>
 #include <torch/library.h>
 
