@@ -211,7 +211,7 @@ def measure(setups: Dict[str, Setup], batch: Batch, steps: int, device: str, aut
                 out[name]["peak_mib"] = (torch.cuda.max_memory_allocated() - base) / 2**20
             del loss
     for result in out.values():
-        result["step_s"] = statistics.median(result["step_times_s"])
+        result["step_s"] = statistics.median(result["step_times_s"]) if result["step_times_s"] else None
     return out
 
 
@@ -250,7 +250,7 @@ def format_table(results: List[Dict[str, object]], device: str) -> str:
         base = r["torch"]["saved_mib"]
         saved = [f"{r[c]['saved_mib']:.0f} MiB" + ("" if c == "torch" else f" ({100 * (1 - r[c]['saved_mib'] / base):.1f}% less)")
                  for c in SETUPS]
-        steps = [f"{r[c]['step_s']:.2f} s" for c in SETUPS]
+        steps = ["not timed" if r[c]["step_s"] is None else f"{r[c]['step_s']:.2f} s" for c in SETUPS]
         row = f"| {r['label']} ({r['modules_swapped']} modules swapped) | " + " | ".join(saved + steps) + " |"
         if device == "cuda":
             row += "".join(f" {r[c][k]:.0f} MiB |" for k in ("live_after_forward_mib", "peak_mib")
@@ -279,7 +279,8 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() and fastdropout.cuda_kernels_built() else "cpu")
     ap.add_argument("--batch", type=int, default=None, help="default per model: gpt2 1, bert 2, vit 8, timm_vit 8, lora 2")
     ap.add_argument("--seq", type=int, default=None, help="tokens (gpt2 1024, bert 512, lora 1024) or image size (224)")
-    ap.add_argument("--steps", type=int, default=3, help="timing rounds (one step of each setup per round)")
+    ap.add_argument("--steps", type=int, default=3,
+                    help="timing rounds (one step of each setup per round); 0: saved bytes only")
     ap.add_argument("--dtype", choices=("fp32", "bf16", "autocast"), default=None,
                     help="fp32, bf16 weights, or fp32 weights under bf16 autocast (default: autocast on "
                          "CUDA, fp32 on the CPU)")

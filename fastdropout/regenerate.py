@@ -57,11 +57,11 @@ def recording() -> bool:
 
 class _Recipe:
     """How to regenerate one dropout output: its input (a detached alias: same storage and
-    version counter, no autograd history), the state its forward used, and what its
-    storage looked like."""
+    version counter, no autograd history) and the state its forward used; and, to recognise
+    the output when an op saves it, a weak reference to it, its version and its dtype."""
 
     __slots__ = ("input", "input_version", "rng_state", "p", "channel_numel", "output_ref",
-                 "output_version", "dtype", "device", "key", "__weakref__")
+                 "output_version", "dtype", "__weakref__")
 
     def __init__(self, x: Tensor, out: Tensor, rng_state: Tensor, p: float,
                  channel_numel: int, key: Tuple[Any, int]) -> None:
@@ -70,12 +70,11 @@ class _Recipe:
         self.rng_state = rng_state
         self.p = p
         self.channel_numel = channel_numel
+        self_ref = weakref.ref(self)
+        # The entry goes when the output is freed (and with it this reference to the input).
         self.output_ref = weakref.ref(out, lambda _: _forget(key, self_ref))
         self.output_version = out._version
         self.dtype = out.dtype
-        self.device = out.device
-        self.key = key
-        self_ref = weakref.ref(self)
 
 
 # (device, storage data pointer) of a live dropout output -> its recipe. An entry is dropped when
