@@ -191,8 +191,14 @@ class regenerate_dropout_outputs:
     """
 
     def __init__(self) -> None:
-        self._hooks: Optional[torch.autograd.graph.saved_tensors_hooks] = None
-        self._stack = []
+        # What each __enter__ opened, per thread: saved-tensor hooks are per thread, and one
+        # scope object (a model's, under replace_dropout) may be entered by several threads.
+        self._opened = threading.local()
+
+    def _stack(self) -> list:
+        if not hasattr(self._opened, "stack"):
+            self._opened.stack = []
+        return self._opened.stack
 
     def __enter__(self) -> "regenerate_dropout_outputs":
         # While torch.compile traces, nothing: saved-tensor hooks act when a graph runs, not in
@@ -206,15 +212,15 @@ class regenerate_dropout_outputs:
             hooks = torch.autograd.graph.saved_tensors_hooks(*_hooks_over(outer))
             hooks.__enter__()
         _local.depth = getattr(_local, "depth", 0) + 1
-        self._stack.append(hooks)
+        self._stack().append(hooks)
         return self
 
     def __exit__(self, *exc) -> None:
         # Nothing open: an __enter__ that torch.compile traced (a no-op) whose frame then ran
         # eagerly from the middle (a graph break) leaves an eager __exit__ with nothing to close.
-        if torch.compiler.is_compiling() or not self._stack:
+        if torch.compiler.is_compiling() or not self._stack():
             return
-        hooks = self._stack.pop()
+        hooks = self._stack().pop()
         _local.depth -= 1
         if hooks is not None:
             hooks.__exit__(*exc)

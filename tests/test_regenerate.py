@@ -307,3 +307,44 @@ def test_compiled_model_in_scope_matches_eager():
     with fastdropout.regenerate_dropout_outputs():
         loss = compiled(q, v)
     assert all(bits_equal(a, b) for a, b in zip(want, torch.autograd.grad(loss, (q, v))))
+
+
+class _SeededBlock(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = torch.nn.Linear(32, 64), torch.nn.Linear(64, 4)
+
+    def forward(self, x, seed):
+        return self.b(fastdropout.dropout(self.a(x), P, seed=seed))  # b saves the dropout output
+
+
+def test_one_model_scope_entered_from_several_threads():
+    """replace_dropout(model, regenerate=True) shares one scope object between the threads
+    that call the model: each thread opens and closes its own hooks, and every thread's
+    gradients are those without regeneration."""
+    import threading
+    torch.manual_seed(0)
+    model = _SeededBlock()
+    x = torch.randn(16, 32)
+    want = {seed: torch.autograd.grad(model(x, seed).square().sum(), list(model.parameters()))
+            for seed in range(4)}
+    fastdropout.replace_dropout(model, regenerate=True)
+    errors = []
+
+    def worker(seed):
+        try:
+            for _ in range(10):
+                loss = model(x, seed).square().sum()
+                assert not regen.recording()  # this thread's scope closed with the forward
+                grads = torch.autograd.grad(loss, list(model.parameters()))
+                assert all(bits_equal(a, b) for a, b in zip(want[seed], grads))
+        except BaseException as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=worker, args=(seed,)) for seed in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    fastdropout.unroute_functional_dropout(model)
