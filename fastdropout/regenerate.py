@@ -138,7 +138,9 @@ def _recipe_for(t: Tensor) -> Optional[_Recipe]:
 
 class _Regenerated:
     """What a saved dropout output is packed into: the recipe's input (packed by the outer
-    hooks, if any), the state, and the saved tensor's geometry within the output's storage."""
+    hooks, if any), the state, and the saved tensor's geometry within the output's storage.
+    It copies the recipe's fields rather than keeping the recipe, which holds the input itself:
+    under outer hooks (save_on_cpu) that would keep the input where the hooks moved it from."""
 
     __slots__ = ("packed_input", "input_version", "rng_state", "p", "channel_numel", "size",
                  "stride", "storage_offset", "outer_unpack")
